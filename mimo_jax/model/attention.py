@@ -1,0 +1,85 @@
+"""Sliding-window (SWA) and global (GA) attention layers of MiMo-V2-Flash.
+
+Both types share the code; an `AttentionConfig` sets heads, KV heads, head dims, RoPE theta, window
+and whether the layer has a learnable per-head sink. The attention itself is `mimo_jax.ops.attention`.
+Legend: B batch, T length, D model dim, N query heads, K KV heads, H q/k head dim, V value head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.config import AttentionConfig
+from mimo_jax.model.layers import apply_partial_rope, normal_init, param_with_axes
+from mimo_jax.ops import attention as attention_ops
+
+
+class Attention(nn.Module):
+    """Projections, partial RoPE, value scale, optional sink, output projection. No biases."""
+
+    config: AttentionConfig
+    hidden_size: int
+    value_scale: float
+    init_std: float
+    impl: str = "auto"
+    chunk_size: int = 128
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        init = normal_init(self.init_std)
+        self.q_proj = self.param("q_proj", nn.with_logical_partitioning(
+            init, ("embed", "heads", "head_dim")), (self.hidden_size, cfg.num_heads, cfg.qk_head_dim),
+            self.param_dtype)
+        self.k_proj = self.param("k_proj", nn.with_logical_partitioning(
+            init, ("embed", "kv_heads", "head_dim")), (self.hidden_size, cfg.num_kv_heads, cfg.qk_head_dim),
+            self.param_dtype)
+        self.v_proj = self.param("v_proj", nn.with_logical_partitioning(
+            init, ("embed", "kv_heads", "head_dim")), (self.hidden_size, cfg.num_kv_heads, cfg.v_head_dim),
+            self.param_dtype)
+        self.o_proj = self.param("o_proj", nn.with_logical_partitioning(
+            init, ("heads", "head_dim", "embed")), (cfg.num_heads, cfg.v_head_dim, self.hidden_size),
+            self.param_dtype)
+        if cfg.attention_sink:
+            self.sinks = self.param("sinks", nn.with_logical_partitioning(init, ("heads",)),
+                                    (cfg.num_heads,), self.param_dtype)
+        else:
+            self.sinks = None
+
+    def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values with RoPE applied and values scaled (what a KV cache stores).
+
+        x: [B, T, D]; positions: [B, T]. Returns q [B, T, N, H], k [B, T, K, H], v [B, T, K, V].
+        """
+        cfg = self.config
+        x = x.astype(self.dtype)
+        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.astype(self.dtype))
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj.astype(self.dtype))
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj.astype(self.dtype))
+        # The value scale is applied before attention and before the KV cache, as in the reference.
+        v = v * jnp.asarray(self.value_scale, v.dtype)
+        q = apply_partial_rope(q, positions, cfg.rope_dim, cfg.rope_theta)
+        k = apply_partial_rope(k, positions, cfg.rope_dim, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, v
+
+    def output(self, attended: jax.Array) -> jax.Array:
+        """attended: [B, T, N, V] -> [B, T, D]."""
+        return jnp.einsum("btnv,nvd->btd", attended.astype(self.dtype),
+                          self.o_proj.astype(self.dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array | None) -> jax.Array:
+        """Causal self-attention over a (possibly packed) batch. x: [B, T, D] -> [B, T, D]."""
+        q, k, v = self.project(x, positions)
+        attended = attention_ops.attention(
+            q, k, v, sinks=self.sinks, window=self.config.sliding_window,
+            segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
+        return self.output(attended)

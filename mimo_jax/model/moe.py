@@ -1,0 +1,70 @@
+"""The MoE feed-forward block: sigmoid router with correction bias and SwiGLU experts.
+
+The router's `e_score_correction_bias` lives in `params` (so a checkpoint is one tree) but is not a
+trained weight: no gradient reaches it, the optimizer skips it, and the trainer moves it with
+`mimo_jax.ops.moe.update_correction_bias` after each step.
+Legend: B batch, T length, D model dim, E experts, k experts per token, F expert ffn dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.model.layers import normal_init, param_with_axes
+from mimo_jax.ops import moe as moe_ops
+
+CORRECTION_BIAS = "e_score_correction_bias"
+
+
+class MoE(nn.Module):
+    """Routed experts, top-k of E, no shared expert."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    init_std: float
+    routed_scaling_factor: float = 1.0
+    impl: str = "dense"
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict]:
+        """x: [B, T, D]; segment_ids: [B, T] (0 = padding).
+
+        Returns y [B, T, D] and stats: `load` [E] (real token copies per expert) and
+        `balance_loss` [] (the sequence-wise balance loss, before its coefficient).
+        """
+        b, t, d = x.shape
+        e, f = self.num_experts, self.intermediate_size
+        init = normal_init(self.init_std)
+        router = param_with_axes(self, "router", init, (d, e), ("embed", None), jnp.float32)
+        bias = param_with_axes(self, CORRECTION_BIAS, nn.initializers.zeros, (e,), (None,),
+                               jnp.float32)
+        w_gate = param_with_axes(self, "gate", init, (e, d, f), ("experts", "embed", "mlp"),
+                                 self.param_dtype)
+        w_up = param_with_axes(self, "up", init, (e, d, f), ("experts", "embed", "mlp"),
+                               self.param_dtype)
+        w_down = param_with_axes(self, "down", init, (e, f, d), ("experts", "mlp", "embed"),
+                                 self.param_dtype)
+
+        tokens = x.reshape(b * t, d)
+        # The router runs in float32 whatever the compute dtype (as in the report).
+        logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router)
+        weights, indices, scores = moe_ops.route(
+            logits, bias, self.top_k, normalize=True, scaling=self.routed_scaling_factor)
+        y = moe_ops.dispatch(tokens.astype(self.dtype), weights, indices,
+                             w_gate.astype(self.dtype), w_up.astype(self.dtype),
+                             w_down.astype(self.dtype), impl=self.impl)
+        token_mask = (segment_ids > 0).reshape(-1)
+        stats = {
+            "load": moe_ops.expert_load(indices, token_mask, e),
+            "balance_loss": moe_ops.sequence_balance_loss(
+                scores.reshape(b, t, e), indices.reshape(b, t, self.top_k), segment_ids,
+                self.top_k),
+        }
+        return y.reshape(b, t, d), stats

@@ -1,0 +1,203 @@
+"""MiMo-V2-Flash: the decoder stack, its layer pattern, the LM head and the MTP heads.
+
+Legend: B batch, T length, D model dim, V vocab, E experts, L MoE layers, M MTP heads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.config import DENSE, MOE, ModelConfig
+from mimo_jax.model import layout
+from mimo_jax.model.attention import Attention
+from mimo_jax.model.layers import DenseSwiGLU, Embed, LMHead, RMSNorm, dtype_of
+from mimo_jax.model.moe import MoE
+from mimo_jax.model.mtp import MTPHead, shift_left
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What the model returns.
+
+    logits: [B, T, V] float32, next-token logits.
+    hidden: [B, T, D] last decoder hidden state before the final norm (MTP depth 0).
+    mtp_logits: [M, B, T, V] float32 or None; head k (0-based) at position t predicts token
+      t + k + 2 of the same document.
+    expert_load: [L, E] float32, real token copies routed to each expert in each MoE layer.
+    balance_loss: [] float32, sum over MoE layers of the sequence-wise balance loss (no coefficient).
+    """
+
+    logits: jax.Array
+    hidden: jax.Array
+    mtp_logits: jax.Array | None
+    expert_load: jax.Array
+    balance_loss: jax.Array
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Per-document positions: 0 at each document start, counting up; 0 on padding. [B, T] int32."""
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    last_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return jnp.where(segment_ids > 0, index - last_start, 0).astype(jnp.int32)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + Attn(Norm(x)), then + FFN(Norm(.)); FFN dense SwiGLU or MoE."""
+
+    config: ModelConfig
+    layer_type: str
+    mlp_type: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> tuple[jax.Array, dict]:
+        """x: [B, T, D] -> (x [B, T, D], MoE stats or {} for a dense layer)."""
+        cfg = self.config
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        normed = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="input_norm")(x)
+        attention = Attention(cfg.attention(self.layer_type), cfg.hidden_size, cfg.value_scale,
+                              cfg.init_std, impl=cfg.attention_impl,
+                              chunk_size=cfg.attention_chunk_size, dtype=dtype,
+                              param_dtype=param_dtype, name="attention")
+        x = x + attention(normed, positions, segment_ids).astype(x.dtype)
+        normed = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
+                         name="post_attention_norm")(x)
+        if self.mlp_type == DENSE:
+            ffn_out = DenseSwiGLU(cfg.dense_intermediate_size, cfg.init_std, dtype=dtype,
+                                  param_dtype=param_dtype, name="mlp")(normed)
+            stats = {}
+        else:
+            ffn_out, stats = MoE(cfg.num_experts, cfg.num_experts_per_token,
+                                 cfg.moe_intermediate_size, cfg.init_std,
+                                 routed_scaling_factor=cfg.routed_scaling_factor,
+                                 impl=cfg.moe_impl, dtype=dtype, param_dtype=param_dtype,
+                                 name="moe")(normed, segment_ids)
+        x = x + ffn_out.astype(x.dtype)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), stats
+
+
+def _layer_class(config: ModelConfig):
+    if config.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy],
+                    prevent_cse=not config.scan_layers)
+
+
+class Decoder(nn.Module):
+    """The 48 (or `num_layers`) decoder layers, scanned over runs of identical layers."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """x: [B, T, D] -> (x [B, T, D], a list of per-MoE-layer stats in layer order)."""
+        cfg = self.config
+        layer_cls = _layer_class(cfg)
+        moe_stats = []
+        for r, run in enumerate(layout.layer_runs(cfg)):
+            if cfg.scan_layers:
+                scanned = nn.scan(
+                    layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast), length=run.length,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+                x, stats = scanned(cfg, run.layer_type, run.mlp_type,
+                                   name=layout.block_name(cfg, r, run.start))(
+                                       x, positions, segment_ids)
+                if run.mlp_type == MOE:
+                    moe_stats.extend(jax.tree.map(lambda s, j=j: s[j], stats)
+                                     for j in range(run.length))
+            else:
+                for i in run.layers:
+                    x, stats = layer_cls(cfg, run.layer_type, run.mlp_type,
+                                         name=layout.block_name(cfg, r, i))(
+                                             x, positions, segment_ids)
+                    if run.mlp_type == MOE:
+                        moe_stats.append(stats)
+        return x, moe_stats
+
+
+class MiMoV2Flash(nn.Module):
+    """The causal LM. `apply({"params": p}, tokens)` returns a `ModelOutput`."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.init_std, dtype=dtype,
+                           param_dtype=param_dtype)
+        self.decoder = Decoder(cfg)
+        self.final_norm = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.init_std, dtype=dtype, param_dtype=param_dtype)
+        self.mtp_heads = [MTPHead(cfg, name=f"mtp_{k}") for k in range(cfg.num_mtp_heads)]
+
+    def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None, return_mtp: bool = False) -> ModelOutput:
+        """Runs the model on a (possibly packed) batch.
+
+        Args:
+          tokens: [B, T] int32.
+          segment_ids: [B, T] int32; packed documents carry ids 1, 2, ... and padding 0. None means
+            one document per row.
+          positions: [B, T] int32 per-document positions; None derives them from segment_ids.
+          return_mtp: also run the MTP heads (their logits are in `mtp_logits`).
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        x = self.embed(tokens)
+        hidden, moe_stats = self.decoder(x, positions, segment_ids)
+        logits = self.lm_head(self.final_norm(hidden))
+        mtp_logits = None
+        if return_mtp and self.mtp_heads:
+            mtp_logits = jnp.stack([self.lm_head(normed) for normed in
+                                    self.mtp_hidden(hidden, tokens, positions, segment_ids)])
+        if moe_stats:
+            load = jnp.stack([s["load"] for s in moe_stats])
+            balance = sum(s["balance_loss"] for s in moe_stats)
+        else:
+            load = jnp.zeros((0, self.config.num_experts), jnp.float32)
+            balance = jnp.zeros((), jnp.float32)
+        return ModelOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits,
+                           expert_load=load, balance_loss=balance)
+
+    def mtp_hidden(self, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
+                   segment_ids: jax.Array) -> list[jax.Array]:
+        """Normed outputs of the MTP heads in depth order, each [B, T, D].
+
+        Head k (1-based) reads the embedding of token t+k, shifted within each document.
+        """
+        outputs = []
+        previous = hidden
+        for k, head in enumerate(self.mtp_heads, start=1):
+            next_tokens, _ = shift_left(tokens, segment_ids, k)
+            previous, normed = head(previous, self.embed(next_tokens), positions, segment_ids)
+            outputs.append(normed)
+        return outputs
+
+
+def init_params(model: MiMoV2Flash, rng: jax.Array, batch: int = 1, length: int = 8,
+                boxed: bool = False) -> dict:
+    """Initialises the parameters (MTP heads included). Returns `params`, unboxed unless `boxed`
+    (boxed leaves carry logical axis names for `mimo_jax.parallel`)."""
+    tokens = jnp.zeros((batch, length), jnp.int32)
+    variables = jax.jit(functools.partial(model.init, return_mtp=True))(rng, tokens)
+    params = variables["params"]
+    return params if boxed else nn.meta.unbox(params)
