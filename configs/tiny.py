@@ -25,4 +25,22 @@ def get_config() -> ml_collections.ConfigDict:
     model.attention_chunk_size = 32
     model.moe_impl = "dense"
     model.remat_policy = "none"
+
+    # A few minutes on 2 CPU cores: the embedded stdlib corpus, short rows, a warm-up then cosine.
+    data = config.data
+    data.seq_len = 256
+    data.batch_size = 16
+    data.eval_batches = 4
+    data.tokenizer_train_bytes = 4_000_000
+    data.num_workers = 0  # tokenising in-process is fast enough for this batch
+    train = config.train
+    train.steps = 300
+    train.learning_rate = 3e-3
+    train.end_learning_rate = 3e-4
+    train.warmup_fraction = 0.05
+    train.decay_start_fraction = 0.3
+    train.log_every = 10
+    train.eval_every = 100
+    train.checkpoint_every = 100
+    train.keep_every = 0
     return config

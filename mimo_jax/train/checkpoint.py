@@ -1,0 +1,151 @@
+"""Checkpoints: Orbax `CheckpointManager` with async saves, exact resume and a params-only export.
+
+A checkpoint at step N holds three items:
+  state  the `TrainState` (params with the router biases, optimizer state, step, RNG key)
+  data   the Grain iterator state after the N-th batch, as JSON
+  meta   what the checkpoint was written for: the model architecture, the tokenizer fingerprint
+Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint
+half-written when the process died is never listed; `cleanup_tmp_directories` removes the debris on
+the next start, and the run resumes from the last complete step.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from mimo_jax.config import ModelConfig, model_config_from_dict, model_config_to_dict
+from mimo_jax.train.config import TrainConfig
+
+CHECKPOINT_DIR = "checkpoints"
+EXPORT_DIR = "export"
+# Fields that change how the model is computed but not its parameters: a run may resume with
+# different values.
+RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_chunk_size", "moe_impl",
+                            "remat_policy"})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used by this run; the message names it and why."""
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """The model-config fields a checkpoint's parameters depend on, JSON-ready."""
+    return {k: v for k, v in model_config_to_dict(config).items() if k not in RUNTIME_FIELDS}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}.{key}"))
+        else:
+            out[f"{prefix}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def architecture_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'model.KEY: checkpoint=A run=B' for each field that differs."""
+    a, b = _flatten(saved), _flatten(current)
+    return [f"{key}: checkpoint={a.get(key)!r} run={b.get(key)!r}"
+            for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+
+
+class Checkpointer:
+    """Saves and restores the run's checkpoints under `<workdir>/checkpoints`."""
+
+    def __init__(self, workdir: str | pathlib.Path, config: TrainConfig):
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=config.keep_last, keep_period=config.keep_every or None,
+            enable_async_checkpointing=config.async_checkpoint, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
+        """Starts saving (async when configured); returns once the arrays are copied off device."""
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))
+        except Exception as err:  # orbax raises several types for unreadable directories
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read: "
+                                  f"{type(err).__name__}: {err}") from err
+        return restored.meta
+
+    def restore(self, step: int, abstract_state: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
+        """(state, data_state) of `step`, after checking that it was written for this model."""
+        saved = self.read_meta(step)
+        where = self.directory / str(step)
+        diff = architecture_mismatch(saved.get("architecture", {}), meta["architecture"])
+        if diff:
+            raise CheckpointError(f"checkpoint {where} is for a different model config: "
+                                  + "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
+                                  + " (use another --workdir, or the checkpoint's config)")
+        if saved.get("tokenizer") != meta.get("tokenizer"):
+            raise CheckpointError(f"checkpoint {where} was trained with tokenizer "
+                                  f"{saved.get('tokenizer')!r}, this run has "
+                                  f"{meta.get('tokenizer')!r}")
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {where} cannot be restored: "
+                                  f"{type(err).__name__}: {err}") from err
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        """Blocks until every pending async save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def export_params(directory: str | pathlib.Path, params: Any, model_config: ModelConfig,
+                  tokenizer_file: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Writes params only (no optimizer state) plus model_config.json for inference.
+
+    Layout: <directory>/params (an Orbax PyTree checkpoint), model_config.json, tokenizer.json.
+    """
+    directory = pathlib.Path(directory).absolute()
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / "params", params)
+    (directory / "model_config.json").write_text(
+        json.dumps(model_config_to_dict(model_config), indent=2))
+    if tokenizer_file is not None and pathlib.Path(tokenizer_file).is_file():
+        shutil.copy(tokenizer_file, directory / "tokenizer.json")
+    return directory
+
+
+def load_exported(directory: str | pathlib.Path) -> tuple[ModelConfig, Any]:
+    """(model config, params) from an `export_params` directory, as host numpy-backed arrays."""
+    directory = pathlib.Path(directory).absolute()
+    config_file = directory / "model_config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{directory} is not a params export (no model_config.json)")
+    raw = json.loads(config_file.read_text())
+    config = model_config_from_dict(raw)
+    from mimo_jax.model.transformer import MiMoV2Flash, init_params  # pylint: disable=import-outside-toplevel
+    abstract = jax.eval_shape(lambda: init_params(MiMoV2Flash(config), jax.random.PRNGKey(0)))
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(directory / "params", abstract)
+    return config, params

@@ -1,0 +1,119 @@
+"""The train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
+
+train_step(state, batch) -> (state, metrics):
+  1. split the batch into `grad_accum_steps` micro-batches and sum their gradients (a scan, so
+     memory holds one micro-batch of activations);
+  2. one AdamW update (the correction biases get a zero update);
+  3. the router-bias rule with the summed expert load;
+  4. if the loss or the gradient norm is not finite, the whole update is dropped: the state keeps
+     its parameters and optimizer state and only `step` advances. `metrics["finite"]` says so.
+Legend: B batch, T length, A micro-batches.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.train import losses
+from mimo_jax.train.config import TrainConfig
+from mimo_jax.train.router_bias import update_biases
+from mimo_jax.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def _micro_batches(batch: Batch, count: int) -> Batch:
+    """[B, T] -> [A, B / A, T]; micro-batch a holds rows a, a + A, ... so that each device's rows
+    of the data-parallel split feed every micro-batch equally."""
+    def split(x):
+        return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
+                    optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple]:
+    """The un-jitted train step for this model and config."""
+    num_heads = model_config.num_mtp_heads
+    accum = train_config.grad_accum_steps
+
+    def micro_loss(params, micro: Batch, counts: jax.Array):
+        output = model.apply({"params": params}, micro["tokens"],
+                             segment_ids=micro["segment_ids"], positions=micro["positions"],
+                             return_mtp=num_heads > 0)
+        sums = losses.loss_sums(output, micro["tokens"], micro["segment_ids"])
+        # Dividing by full-batch counts here makes the summed micro-gradients exactly the
+        # gradient of the full-batch objective.
+        objective, _ = losses.total_loss(sums, counts, output.balance_loss / accum,
+                                         train_config.mtp_loss_weight,
+                                         train_config.balance_loss_weight)
+        return objective, (sums, output.balance_loss, output.expert_load)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        counts = losses.target_counts(batch["segment_ids"], num_heads)
+        if accum == 1:
+            (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts)
+        else:
+            def body(carry, micro):
+                grads_acc, sums_acc, balance_acc, load_acc = carry
+                (_, (sums, balance, load)), grads = grad_fn(state.params, micro, counts)
+                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+                return (grads_acc, sums_acc + sums, balance_acc + balance, load_acc + load), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            load_shape = (len(model_config.moe_layers), model_config.num_experts)
+            init = (zeros, jnp.zeros((num_heads + 1,), jnp.float32), jnp.zeros((), jnp.float32),
+                    jnp.zeros(load_shape, jnp.float32))
+            (grads, sums, balance, load), _ = jax.lax.scan(
+                body, init, _micro_batches(batch, accum))
+            balance = balance / accum
+        loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
+                                        train_config.balance_loss_weight)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = update_biases(params, load, train_config.bias_update_rate, model_config)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        rng, _ = jax.random.split(state.rng)
+        new_state = TrainState(step=state.step + 1,
+                               params=jax.tree.map(keep, params, state.params),
+                               opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                               rng=rng)
+        metrics = dict(parts, loss=loss, grad_norm=grad_norm, finite=finite,
+                       learning_rate=schedule(state.step),
+                       tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
+                       max_load_violation=_max_load_violation(load))
+        return new_state, metrics
+
+    return train_step
+
+
+def _max_load_violation(load: jax.Array) -> jax.Array:
+    """max over layers of (max expert load / mean load - 1): 0 is perfect balance."""
+    if load.shape[0] == 0:
+        return jnp.zeros((), jnp.float32)
+    mean = jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
+    return jnp.max(jnp.max(load, axis=-1) / mean - 1.0)
+
+
+def make_eval_step(model: MiMoV2Flash, model_config: ModelConfig) -> Callable[[Any, Batch], dict]:
+    """eval_step(params, batch) -> {"sums": [1 + M], "counts": [1 + M]} for summing over batches."""
+    num_heads = model_config.num_mtp_heads
+
+    def eval_step(params, batch: Batch) -> dict:
+        output = model.apply({"params": params}, batch["tokens"],
+                             segment_ids=batch["segment_ids"], positions=batch["positions"],
+                             return_mtp=num_heads > 0)
+        return {"sums": losses.loss_sums(output, batch["tokens"], batch["segment_ids"]),
+                "counts": losses.target_counts(batch["segment_ids"], num_heads)}
+
+    return eval_step
