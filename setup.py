@@ -14,6 +14,7 @@ CORE = [
     "chex>=0.1.90",
     "absl-py>=2.1.0",
     "numpy>=1.26",
+    "ml-dtypes>=0.5.0",
     "tokenizers>=0.21.0",
     "safetensors>=0.5.0",
     "tensorboardX>=2.6",
