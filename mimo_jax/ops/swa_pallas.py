@@ -1,0 +1,120 @@
+"""Pallas flash attention with a sliding window, per-head sinks, GQA and packed segments.
+
+The differentiable entry point `flash_attention` (same contract as `ops.attention.attention`) wraps
+two kernel families behind one `jax.custom_vjp`:
+  swa_pallas_tpu.py  Mosaic kernels for TPU (grid axes over the window's blocks, (8, 128) tiles).
+  swa_pallas_gpu.py  Triton kernels for GPU (one program per block, loops over the window's blocks).
+swa_pallas_common.py holds what both share: the block plan, the tile mask and the softmax tile math.
+
+Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, V value head dim.
+
+Forward: each query row's online softmax starts from its sink (running max m = sink, running sum
+l = 1, the sink's own exp) and never adds a value for it; the kernel also writes the row's
+log-sum-exp lse = m + log l. Backward, from lse and delta_i = sum_v dO_iv * O_iv:
+  p_ij = exp(a_ij - lse_i),  dv_j = sum_i p_ij dO_i,  ds_ij = p_ij (dO_i . v_j - delta_i),
+  dq_i = scale * sum_j ds_ij k_j,  dk_j = scale * sum_i ds_ij q_i,
+  dsink_n = -sum_i exp(sink_n - lse_i) delta_i   (the sink's weight times the row's delta).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.ops import swa_pallas_gpu, swa_pallas_tpu
+
+BACKENDS = ("tpu", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about a call that is not an array: the custom_vjp's non-differentiable part."""
+
+    backend: str
+    plans: tuple  # swa_pallas_common.BlockPlan per kernel family (TPU: one; GPU: fwd, bwd)
+    interpret: bool
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | None = None,
+                    window: int | None = None, segment_ids: jax.Array | None = None,
+                    backend: str | None = None, interpret: bool | None = None,
+                    block_q: int | None = None, block_k: int | None = None) -> jax.Array:
+    """Causal flash attention. Returns [B, T, N, V] in q's dtype.
+
+    Args:
+      q: [B, T, N, H]. k: [B, T, K, H]. v: [B, T, K, V]; N % K == 0. bf16 or f32 (f32 accumulation).
+      sinks: [N] per-head sink logits, or None (the same as a sink of -inf).
+      window: a query at i sees keys i-W+1..i (W keys, itself included); None = full causal.
+      segment_ids: [B, T] int; 0 marks padding (such a row sees nothing and outputs zeros).
+      backend: "tpu" (Mosaic) or "gpu" (Triton); default: the default device's, "tpu" on CPU.
+      interpret: run the kernels in the Pallas interpreter; default: True exactly on CPU.
+      block_q, block_k: tile lengths (default: 128x128 on TPU; 128x64 forward and 64x64
+        backward on GPU).
+    """
+    b, t, n, h = q.shape
+    if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != h:
+        raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
+    if n % k.shape[2]:
+        raise ValueError(f"query heads {n} are not a multiple of KV heads {k.shape[2]}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if sinks is not None and sinks.shape != (n,):
+        raise ValueError(f"sinks must have shape ({n},), got {sinks.shape}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must have shape {(b, t)}, got {segment_ids.shape}")
+    platform = jax.default_backend()
+    if backend is None:
+        backend = "gpu" if platform == "gpu" else "tpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"flash attention backend {backend!r} is not one of {BACKENDS}")
+    if interpret is None:
+        interpret = platform == "cpu"
+    if backend == "tpu":
+        plans = (swa_pallas_tpu.make_plan(t, window, block_q, block_k),)
+    else:
+        plans = swa_pallas_gpu.make_plans(t, window, block_q, block_k)
+    if sinks is None:
+        sinks = jnp.full((n,), -jnp.inf, jnp.float32)
+    return _flash(q, k, v, sinks.astype(jnp.float32), segment_ids,
+                  _Static(backend, plans, bool(interpret)))
+
+
+def _module(static: _Static):
+    return swa_pallas_tpu if static.backend == "tpu" else swa_pallas_gpu
+
+
+def _kernel_plans(static: _Static):
+    return static.plans[0] if static.backend == "tpu" else static.plans
+
+
+def _forward(q, k, v, sinks, segment_ids, static: _Static):
+    out, lse = _module(static).forward(q, k, v, sinks, segment_ids, _kernel_plans(static),
+                                       interpret=static.interpret)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, sinks, segment_ids, static: _Static):
+    return _forward(q, k, v, sinks, segment_ids, static)[0]
+
+
+def _flash_fwd(q, k, v, sinks, segment_ids, static: _Static):
+    out, lse = _forward(q, k, v, sinks, segment_ids, static)
+    return out, (q, k, v, sinks, segment_ids, out, lse)
+
+
+def _flash_bwd(static: _Static, residuals, dout):
+    q, k, v, sinks, segment_ids, out, lse = residuals
+    # delta_i = dO_i . O_i: the softmax backward's row term, [B, N, T].
+    delta = jnp.einsum("btnv,btnv->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+    dq, dk, dv = _module(static).backward(q, k, v, segment_ids, lse, delta, dout,
+                                          _kernel_plans(static), interpret=static.interpret)
+    sink_weight = jnp.exp(sinks[None, :, None] - lse)  # the sink's softmax weight per row
+    dsinks = -jnp.sum(sink_weight * delta, axis=(0, 2))
+    return dq, dk, dv, dsinks, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,380 @@
+"""Flash attention kernels for TPU (Mosaic): forward, dq and dk/dv, block-sparse over the window.
+
+Legend: B batch, T length (padded to Tp), N query heads, K KV heads, G = N // K, H q/k head dim,
+V value head dim (both padded to Hp/Vp, multiples of 128 lanes); bq/bk query/key block lengths.
+
+Layout: heads before time, [B, N, Tp, Hp], so every block is a (rows, 128k) tile. The sliding
+window is a grid axis of `kv_steps` (or `q_steps`) entries whose index maps point at the key (query)
+blocks the window reaches; steps past the end of a short range repeat the last block index, which
+Pallas does not fetch again, and `pl.when` skips their compute. GQA: a query head's index map picks
+its KV head `n // G`; the dk/dv kernel loops over the G query heads of a KV head in its grid.
+
+Per-query values used down a tile's rows travel lane-broadcast ([.., Tp, 128]); those used along a
+tile's columns travel as rows ([.., 1, Tp], or sublane-broadcast [.., 8, Tp]): the layouts Mosaic
+broadcasts cheaply.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from mimo_jax.ops import swa_pallas_common as common
+from mimo_jax.ops.swa_pallas_common import NN, NT, BlockPlan
+
+LANES = 128
+SUBLANES = 8
+DEFAULT_BLOCK_Q = 128
+DEFAULT_BLOCK_K = 128
+
+
+def make_plan(seq_len: int, window: int | None, block_q: int | None,
+              block_k: int | None) -> BlockPlan:
+    """Blocks of 128 rows by default; a short sequence is one block (a full-dimension block is
+    legal at any length)."""
+    short = max(SUBLANES, -(-seq_len // SUBLANES) * SUBLANES)
+    block_q = block_q or min(DEFAULT_BLOCK_Q, short)
+    block_k = block_k or min(DEFAULT_BLOCK_K, short)
+    plan = BlockPlan.make(seq_len, block_q, block_k, window)
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size % LANES and size != plan.padded_len:
+            raise ValueError(f"TPU {name}={size} must be a multiple of {LANES} "
+                             f"(or cover the whole padded length {plan.padded_len})")
+    return plan
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _to_kernel_layout(x: jax.Array, plan: BlockPlan) -> jax.Array:
+    """[B, T, heads, D] -> [B, heads, Tp, Dp]: one transpose that XLA fuses with the padding."""
+    x = jnp.swapaxes(x, 1, 2)
+    return _pad_to(_pad_to(x, 2, plan.padded_len), 3, _round_up(x.shape[3], LANES))
+
+
+def _from_kernel_layout(x: jax.Array, seq_len: int, dim: int) -> jax.Array:
+    return jnp.swapaxes(x[:, :, :seq_len, :dim], 1, 2)
+
+
+def _segment_layouts(segments: jax.Array | None, plan: BlockPlan):
+    """Segment ids as columns [B, Tp, 128] and as rows [B, 8, Tp] (0 = padding, also the tail)."""
+    if segments is None:
+        return None, None
+    segments = _pad_to(segments.astype(jnp.int32), 1, plan.padded_len)
+    b, t = segments.shape
+    columns = jax.lax.broadcast_in_dim(segments, (b, t, LANES), (0, 1))
+    rows = jax.lax.broadcast_in_dim(segments, (b, SUBLANES, t), (0, 2))
+    return columns, rows
+
+
+def _positions(shape, row_start, col_start):
+    rows = row_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = col_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    return rows, cols
+
+
+class _QueryMajorMaps:
+    """Index maps of the grid (B, N, query block i, key step): forward and dq. The trailing
+    arguments (the forward's scalar-prefetched sinks) are ignored."""
+
+    def __init__(self, plan: BlockPlan, group: int):
+        self.plan, self.group = plan, group
+
+    def q_rows(self, b, n, i, step, *_):
+        return b, n, i, 0
+
+    def kv_rows(self, b, n, i, step, *_):
+        return b, jax.lax.div(n, self.group), self.plan.kv_block(i, step), 0
+
+    def q_stats(self, b, n, i, step, *_):
+        return b, n, 0, i
+
+    def q_segments(self, b, n, i, step, *_):
+        return b, i, 0
+
+    def kv_segments(self, b, n, i, step, *_):
+        return b, 0, self.plan.kv_block(i, step)
+
+
+class _KeyMajorMaps:
+    """Index maps of the grid (B, K, key block j, query head g of the group, query step): dk/dv."""
+
+    def __init__(self, plan: BlockPlan, group: int):
+        self.plan, self.group = plan, group
+
+    def q_rows(self, b, kv_head, j, g, step):
+        return b, kv_head * self.group + g, self.plan.q_block(j, step), 0
+
+    def kv_rows(self, b, kv_head, j, g, step):
+        return b, kv_head, j, 0
+
+    def q_stats(self, b, kv_head, j, g, step):
+        return b, kv_head * self.group + g, 0, self.plan.q_block(j, step)
+
+    def q_segments(self, b, kv_head, j, g, step):
+        return b, 0, self.plan.q_block(j, step)
+
+    def kv_segments(self, b, kv_head, j, g, step):
+        return b, j, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scale: float,
+                    has_segments: bool):
+    if has_segments:
+        q_seg_ref, k_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+    else:
+        o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
+    n, i, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    lo, hi = plan.kv_range(i)
+    j = lo + step
+
+    @pl.when(step == 0)
+    def _init():
+        m, l = common.initial_state(sinks_ref[n], m_ref.shape)
+        m_ref[...] = m
+        l_ref[...] = l
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j <= hi)
+    def _visit():
+        q = q_ref[...]
+        logits = common.dot(q, k_ref[...], NT) * scale  # [bq, bk]
+        q_pos, k_pos = _positions(logits.shape, i * plan.block_q, j * plan.block_k)
+        q_seg = q_seg_ref[:, :1] if has_segments else None
+        k_seg = k_seg_ref[:1, :] if has_segments else None
+        mask = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
+        p, alpha, m_next, l_next = common.online_softmax_step(logits, mask, m_ref[...], l_ref[...])
+        v = v_ref[...]
+        acc_ref[...] = acc_ref[...] * alpha[:, :1] + common.dot(p.astype(v.dtype), v, NN)
+        m_ref[...] = m_next
+        l_ref[...] = l_next
+
+    @pl.when(step == plan.kv_steps - 1)
+    def _finish():
+        inv_l, lse = common.finish_rows(m_ref[...], l_ref[...])  # [bq, 128] each
+        o_ref[...] = (acc_ref[...] * inv_l[:, :1]).astype(o_ref.dtype)
+        lse_ref[...] = jnp.transpose(lse)[:1, :]  # the row layout the backward reads
+
+
+def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, V], sinks [N] f32, segments [B, T] or None.
+
+    Returns out [B, T, N, V] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
+    """
+    b, t, n, h = q.shape
+    num_kv, v_dim = k.shape[2], v.shape[3]
+    group = n // num_kv
+    qt, kt, vt = (_to_kernel_layout(x, plan) for x in (q, k, v))
+    hp, vp = qt.shape[3], vt.shape[3]
+    bq, bk = plan.block_q, plan.block_k
+    seg_columns, seg_rows = _segment_layouts(segments, plan)
+    has_segments = segments is not None
+
+    maps = _QueryMajorMaps(plan, group)
+    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+                pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
+                pl.BlockSpec((None, None, bk, vp), maps.kv_rows)]
+    inputs = [qt, kt, vt]
+    if has_segments:
+        in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
+                     pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
+        inputs += [seg_columns, seg_rows]
+    out_specs = [pl.BlockSpec((None, None, bq, vp), maps.q_rows),
+                 pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+    kernel = functools.partial(_forward_kernel, plan=plan, scale=h ** -0.5,
+                               has_segments=has_segments)
+    out, lse = pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, n, plan.num_q_blocks, plan.kv_steps),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, LANES), jnp.float32),
+                            pltpu.VMEM((bq, vp), jnp.float32)],
+        ),
+        out_shape=[jax.ShapeDtypeStruct((b, n, plan.padded_len, vp), q.dtype),
+                   jax.ShapeDtypeStruct((b, n, 1, plan.padded_len), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(plan, b, n, 2 * (h + v_dim), qt, kt, vt),
+        interpret=interpret,
+        name="swa_flash_forward",
+    )(sinks, *inputs)
+    return _from_kernel_layout(out, t, v_dim), lse[:, :, 0, :t]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dq (grid over query blocks) and dk/dv (grid over key blocks, looping over the group)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
+               scale: float, has_segments: bool):
+    if has_segments:
+        q_seg_ref, k_seg_ref, dq_ref, acc_ref = refs
+    else:
+        dq_ref, acc_ref = refs
+    i, step = pl.program_id(2), pl.program_id(3)
+    lo, hi = plan.kv_range(i)
+    j = lo + step
+
+    @pl.when(step == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(j <= hi)
+    def _visit():
+        k = k_ref[...]
+        logits = common.dot(q_ref[...], k, NT) * scale  # [bq, bk]
+        q_pos, k_pos = _positions(logits.shape, i * plan.block_q, j * plan.block_k)
+        q_seg = q_seg_ref[:, :1] if has_segments else None
+        k_seg = k_seg_ref[:1, :] if has_segments else None
+        mask = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
+        lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]
+        delta = jnp.expand_dims(delta_ref[0], -1)
+        p = common.probabilities(logits, mask, lse)
+        dp = common.dot(do_ref[...], v_ref[...], NT)  # [bq, bk]
+        ds = p * (dp - delta)
+        acc_ref[...] += common.dot(ds.astype(k.dtype), k, NN)
+
+    @pl.when(step == plan.kv_steps - 1)
+    def _finish():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
+                scale: float, has_segments: bool, group: int):
+    if has_segments:
+        k_seg_ref, q_seg_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
+    else:
+        dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
+    j, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    lo, hi = plan.q_range(j)
+    i = lo + step
+
+    @pl.when((g == 0) & (step == 0))
+    def _init():
+        dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
+        dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
+
+    @pl.when(i <= hi)
+    def _visit():
+        # Transposed tiles [bk, bq]: the per-query statistics then broadcast along rows.
+        q = q_ref[...]
+        do = do_ref[...]
+        logits_t = common.dot(k_ref[...], q, NT) * scale
+        k_pos, q_pos = _positions(logits_t.shape, j * plan.block_k, i * plan.block_q)
+        q_seg = q_seg_ref[:1, :] if has_segments else None
+        k_seg = k_seg_ref[:, :1] if has_segments else None
+        mask_t = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
+        p_t = common.probabilities(logits_t, mask_t, lse_ref[...])  # lse row [1, bq]
+        dv_acc_ref[...] += common.dot(p_t.astype(do.dtype), do, NN)
+        dp_t = common.dot(v_ref[...], do, NT)  # [bk, bq]
+        ds_t = p_t * (dp_t - delta_ref[...])
+        dk_acc_ref[...] += common.dot(ds_t.astype(q.dtype), q, NN)
+
+    @pl.when((g == group - 1) & (step == plan.q_steps - 1))
+    def _finish():
+        dk_ref[...] = (dk_acc_ref[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret: bool):
+    """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
+
+    Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, V] in the inputs' dtypes.
+    """
+    b, t, n, h = q.shape
+    num_kv, v_dim = k.shape[2], v.shape[3]
+    group = n // num_kv
+    qt, kt, vt, dout_t = (_to_kernel_layout(x, plan) for x in (q, k, v, dout))
+    hp, vp = qt.shape[3], vt.shape[3]
+    bq, bk = plan.block_q, plan.block_k
+    stat_rows = [_pad_to(x, 2, plan.padded_len)[:, :, None, :] for x in (lse, delta)]
+    seg_columns, seg_rows = _segment_layouts(segments, plan)
+    has_segments = segments is not None
+    scale = h ** -0.5
+    params = dict(plan=plan, scale=scale, has_segments=has_segments)
+
+    # dq: grid (B, N, query blocks, key steps).
+    maps = _QueryMajorMaps(plan, group)
+    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+                pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
+                pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
+                pl.BlockSpec((None, None, bq, vp), maps.q_rows),
+                pl.BlockSpec((None, None, 1, bq), maps.q_stats),
+                pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+    inputs = [qt, kt, vt, dout_t, *stat_rows]
+    if has_segments:
+        in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
+                     pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
+        inputs += [seg_columns, seg_rows]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **params),
+        grid=(b, n, plan.num_q_blocks, plan.kv_steps),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+        out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, hp), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(plan, b, n, 4 * h + 2 * v_dim, qt, kt, vt, dout_t),
+        interpret=interpret,
+        name="swa_flash_dq",
+    )(*inputs)
+
+    # dk, dv: grid (B, K, key blocks, group, query steps); the last two accumulate.
+    maps = _KeyMajorMaps(plan, group)
+    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+                pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
+                pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
+                pl.BlockSpec((None, None, bq, vp), maps.q_rows),
+                pl.BlockSpec((None, None, 1, bq), maps.q_stats),
+                pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+    inputs = [qt, kt, vt, dout_t, *stat_rows]
+    if has_segments:
+        in_specs += [pl.BlockSpec((None, bk, LANES), maps.kv_segments),
+                     pl.BlockSpec((None, SUBLANES, bq), maps.q_segments)]
+        inputs += [seg_columns, seg_rows]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, group=group, **params),
+        grid=(b, num_kv, plan.num_k_blocks, group, plan.q_steps),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
+                   pl.BlockSpec((None, None, bk, vp), maps.kv_rows)],
+        out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype),
+                   jax.ShapeDtypeStruct(vt.shape, v.dtype)],
+        scratch_shapes=[pltpu.VMEM((bk, hp), jnp.float32), pltpu.VMEM((bk, vp), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        cost_estimate=_cost(plan, b, n, 4 * (h + v_dim), qt, kt, vt, dout_t),
+        interpret=interpret,
+        name="swa_flash_dkv",
+    )(*inputs)
+    return (_from_kernel_layout(dq, t, h), _from_kernel_layout(dk, t, h),
+            _from_kernel_layout(dv, t, v_dim))
+
+
+def _cost(plan: BlockPlan, b: int, n: int, flops_per_pair: int, *arrays) -> pl.CostEstimate:
+    """What XLA's scheduler should expect: the visited tiles' matmuls, one exp per pair, the I/O."""
+    pairs = b * n * plan.visited_pairs() * plan.block_q * plan.block_k
+    return pl.CostEstimate(flops=pairs * flops_per_pair, transcendentals=pairs,
+                           bytes_accessed=sum(x.size * x.dtype.itemsize for x in arrays))
