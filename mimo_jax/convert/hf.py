@@ -58,12 +58,15 @@ def _read_json(hf_dir: str) -> dict:
             raise CheckpointError(f"{path} is not valid JSON ({err})") from err
 
 
-@functools.lru_cache(maxsize=8)
 def abstract_params(config: ModelConfig) -> dict:
-    """Shapes and dtypes of every parameter (MTP heads included); allocates nothing.
+    """Shapes and dtypes of every parameter (MTP heads included) as `jax.ShapeDtypeStruct`s;
+    allocates nothing. Returns a fresh tree (the trace behind it is cached per config)."""
+    return jax.tree.map(lambda spec: spec, _traced_params(config))
 
-    Cached per config (tracing the full model's init takes seconds); treat the result as frozen.
-    """
+
+@functools.lru_cache(maxsize=8)
+def _traced_params(config: ModelConfig) -> dict:
+    # Tracing the full model's init takes seconds; load and save each need it.
     return jax.eval_shape(functools.partial(init_params, MiMoV2Flash(config)), jax.random.key(0))
 
 
@@ -254,8 +257,10 @@ def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | 
         for name, shape, produce in source.export(leaf.shape, leaf.numpy):
             tensors.append(PendingTensor(name, tuple(shape), target, produce))
     os.makedirs(out_dir, exist_ok=True)
-    files = write_checkpoint(out_dir, tensors, max_shard_bytes)
-    _HostLeaf._cache = None
+    try:
+        files = write_checkpoint(out_dir, tensors, max_shard_bytes)
+    finally:
+        _HostLeaf._cache = None  # drop the host copy of the last parameter
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(hf_cfg, f, indent=2)
     return files

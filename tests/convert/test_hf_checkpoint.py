@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -136,6 +137,18 @@ def test_hub_config_and_alternative_names_load_the_same(tiny_params, saved, tmp_
     model, params = hf.load(directory)
     assert model.config.num_mtp_heads == 2 and model.config.value_scale == 0.707
     _assert_same(tiny_params, params)
+
+
+def test_shardings_place_each_parameter(saved):
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    by_vocab = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model", None))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    specs = hf.abstract_params(hf.read_config(saved))
+    shardings = jax.tree.map(lambda _: replicated, specs)
+    shardings["embed"]["embedding"] = by_vocab
+    _, params = hf.load(saved, shardings=shardings)
+    assert params["embed"]["embedding"].sharding == by_vocab
+    assert params["lm_head"]["kernel"].sharding == replicated
 
 
 def test_num_mtp_heads_override_drops_heads(saved):
