@@ -138,12 +138,14 @@ class ToTokens(grain.transforms.MapWithIndex):
 
 
 def resolve_tokenizer(config: DataConfig, vocab_size: int, workdir: str | pathlib.Path | None,
-                      sources: list[OpenedSource]) -> tokenizer_lib.TextTokenizer | None:
+                      sources: list[OpenedSource], save: bool = True
+                      ) -> tokenizer_lib.TextTokenizer | None:
     """The run's tokenizer, saved as `<workdir>/tokenizer.json`.
 
     Order: the one already saved in the workdir (a resumed run keeps its ids); `data.tokenizer`;
     a byte-level BPE trained on the text sources; the tokenizer.json beside ArrayRecord shards;
-    none when every source is already token ids without one.
+    none when every source is already token ids without one. `save=False` (processes other
+    than the first in a multi-host run) reads the workdir but does not write it.
     """
     saved = pathlib.Path(workdir) / TOKENIZER_FILE if workdir else None
     if saved is not None and saved.is_file():
@@ -168,7 +170,7 @@ def resolve_tokenizer(config: DataConfig, vocab_size: int, workdir: str | pathli
     if config.add_eos and tokenizer.eos_id is None and any(s.kind in TEXT_KINDS for s in sources):
         raise DataError(f"tokenizer {tokenizer.source!r} has no end-of-text token; add one or "
                         "set data.add_eos=False")
-    if saved is not None and not saved.is_file():
+    if save and saved is not None and not saved.is_file():
         tokenizer.save(saved)
     return tokenizer
 

@@ -181,7 +181,22 @@ class TokenShards:
 
 
 def token_shard_paths(arg: str) -> tuple[list[str], dict | None]:
-    """Shard files and metadata of an `array_record:` source (a directory or a glob)."""
+    """Shard files and metadata of an `array_record:` source.
+
+    A directory must hold the `metadata.json` that `to_array_record` writes last (without it the
+    conversion did not finish); a glob of shard files reads metadata beside them when present.
+    """
+    if os.path.isdir(arg):
+        metadata = read_shard_metadata(arg)
+        if metadata is None:
+            raise DataError(f"ArrayRecord directory {arg!r} has no {METADATA_FILE}: it is not a "
+                            "finished `mimo_jax.data.to_array_record` conversion")
+        files = [os.path.join(arg, name) for name in metadata.get("shards", [])]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise DataError(f"ArrayRecord shard {missing[0]!r} listed in {METADATA_FILE} is missing")
+        if not files:
+            files = expand_paths(arg, "ArrayRecord", suffix=SHARD_SUFFIX)
+        return files, metadata
     files = expand_paths(arg, "ArrayRecord", suffix=SHARD_SUFFIX)
-    directory = arg if os.path.isdir(arg) else os.path.dirname(files[0])
-    return files, read_shard_metadata(directory)
+    return files, read_shard_metadata(os.path.dirname(files[0]))
