@@ -75,6 +75,18 @@ class Attention(nn.Module):
         return jnp.einsum("btnv,nvd->btd", attended.astype(self.dtype),
                           self.o_proj.astype(self.dtype))
 
+    def decode(self, x: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """Attention of a chunk of new tokens over a KV cache, which it then extends.
+
+        x: [B, T, D]; positions: [B, T] absolute positions, -1 for padding (neither attends nor is
+        stored); cache: a `mimo_jax.inference.cache.LayerCache`. Returns ([B, T, D], new cache).
+        """
+        from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
+        q, k, v = self.project(x, jnp.maximum(positions, 0))
+        attended, cache = kv_cache.attend(cache, q, k, v, positions,
+                                          window=self.config.sliding_window, sinks=self.sinks)
+        return self.output(attended.astype(self.dtype)), cache
+
     def __call__(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array | None) -> jax.Array:
         """Causal self-attention over a (possibly packed) batch. x: [B, T, D] -> [B, T, D]."""

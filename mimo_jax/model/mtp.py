@@ -49,8 +49,13 @@ class MTPHead(nn.Module):
 
     @nn.compact
     def __call__(self, previous_hidden: jax.Array, next_token_embedding: jax.Array,
-                 positions: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """previous_hidden, next_token_embedding: [B, T, D] -> (h^k [B, T, D], normed [B, T, D])."""
+                 positions: jax.Array, segment_ids: jax.Array,
+                 cache=None) -> tuple[jax.Array, jax.Array]:
+        """previous_hidden, next_token_embedding: [B, T, D] -> (h^k [B, T, D], normed [B, T, D]).
+
+        With a KV `cache` (decoding; positions -1 mark padding) it returns
+        (h^k, normed, new cache).
+        """
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
 
@@ -66,8 +71,14 @@ class MTPHead(nn.Module):
         attention = Attention(cfg.sliding, cfg.hidden_size, cfg.value_scale, cfg.init_std,
                               impl=cfg.attention_impl, chunk_size=cfg.attention_chunk_size,
                               dtype=dtype, param_dtype=param_dtype, name="attention")
-        h = h + attention(norm("input_norm")(h), positions, segment_ids)
+        if cache is None:
+            h = h + attention(norm("input_norm")(h), positions, segment_ids)
+        else:
+            attended, cache = attention.decode(norm("input_norm")(h), positions, cache)
+            h = h + attended
         mlp = DenseSwiGLU(cfg.dense_intermediate_size, cfg.init_std, dtype=dtype,
                           param_dtype=param_dtype, name="mlp")
         h = h + mlp(norm("post_attention_norm")(h))
+        if cache is not None:
+            return h, norm("final_norm")(h), cache
         return h, norm("final_norm")(h)

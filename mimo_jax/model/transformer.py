@@ -64,8 +64,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array) -> tuple[jax.Array, dict]:
-        """x: [B, T, D] -> (x [B, T, D], MoE stats or {} for a dense layer)."""
+                 segment_ids: jax.Array, cache=None) -> tuple[jax.Array, dict]:
+        """x: [B, T, D] -> (x [B, T, D], MoE stats or {} for a dense layer).
+
+        With a KV `cache` (decoding; positions -1 mark padding) it returns
+        (x, (stats, new cache)) instead.
+        """
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -74,7 +78,11 @@ class DecoderLayer(nn.Module):
                               cfg.init_std, impl=cfg.attention_impl,
                               chunk_size=cfg.attention_chunk_size, dtype=dtype,
                               param_dtype=param_dtype, name="attention")
-        x = x + attention(normed, positions, segment_ids).astype(x.dtype)
+        if cache is None:
+            x = x + attention(normed, positions, segment_ids).astype(x.dtype)
+        else:
+            attended, cache = attention.decode(normed, positions, cache)
+            x = x + attended.astype(x.dtype)
         normed = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype,
                          name="post_attention_norm")(x)
         if self.mlp_type == DENSE:
@@ -88,7 +96,8 @@ class DecoderLayer(nn.Module):
                                  impl=cfg.moe_impl, dtype=dtype, param_dtype=param_dtype,
                                  name="moe")(normed, segment_ids)
         x = x + ffn_out.astype(x.dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), stats
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, stats) if cache is None else (x, (stats, cache))
 
 
 def _layer_class(config: ModelConfig):
@@ -105,30 +114,44 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array) -> tuple[jax.Array, list[dict]]:
-        """x: [B, T, D] -> (x [B, T, D], a list of per-MoE-layer stats in layer order)."""
+                 segment_ids: jax.Array, cache: dict | None = None
+                 ) -> tuple[jax.Array, list[dict]]:
+        """x: [B, T, D] -> (x [B, T, D], a list of per-MoE-layer stats in layer order).
+
+        With a KV `cache` (decoding: a dict keyed by block name, scanned runs carrying a leading
+        [run length] axis, see `mimo_jax.inference.cache`) it returns (x, stats, new cache).
+        """
         cfg = self.config
         layer_cls = _layer_class(cfg)
         moe_stats = []
+        new_cache = {}
         for r, run in enumerate(layout.layer_runs(cfg)):
             if cfg.scan_layers:
+                cached = cache is not None
                 scanned = nn.scan(
                     layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast), length=run.length,
-                    metadata_params={nn.PARTITION_NAME: "layers"})
-                x, stats = scanned(cfg, run.layer_type, run.mlp_type,
-                                   name=layout.block_name(cfg, r, run.start))(
-                                       x, positions, segment_ids)
+                    in_axes=(nn.broadcast, nn.broadcast) + ((0,) if cached else ()),
+                    length=run.length, metadata_params={nn.PARTITION_NAME: "layers"})
+                name = layout.block_name(cfg, r, run.start)
+                x, stats = scanned(cfg, run.layer_type, run.mlp_type, name=name)(
+                    x, positions, segment_ids, *((cache[name],) if cached else ()))
+                if cached:
+                    stats, new_cache[name] = stats
                 if run.mlp_type == MOE:
                     moe_stats.extend(jax.tree.map(lambda s, j=j: s[j], stats)
                                      for j in range(run.length))
             else:
                 for i in run.layers:
-                    x, stats = layer_cls(cfg, run.layer_type, run.mlp_type,
-                                         name=layout.block_name(cfg, r, i))(
-                                             x, positions, segment_ids)
+                    name = layout.block_name(cfg, r, i)
+                    x, stats = layer_cls(cfg, run.layer_type, run.mlp_type, name=name)(
+                        x, positions, segment_ids,
+                        *((cache[name],) if cache is not None else ()))
+                    if cache is not None:
+                        stats, new_cache[name] = stats
                     if run.mlp_type == MOE:
                         moe_stats.append(stats)
+        if cache is not None:
+            return x, moe_stats, new_cache
         return x, moe_stats
 
 
@@ -191,6 +214,33 @@ class MiMoV2Flash(nn.Module):
             previous, normed = head(previous, self.embed(next_tokens), positions, segment_ids)
             outputs.append(normed)
         return outputs
+
+    def decode(self, tokens: jax.Array, positions: jax.Array,
+               cache: dict) -> tuple[jax.Array, jax.Array, dict]:
+        """One cached forward over a chunk of new tokens (prefill or decode step).
+
+        Args:
+          tokens: [B, T] int32.
+          positions: [B, T] int32 absolute positions; -1 marks padding.
+          cache: the decoder's KV cache, `mimo_jax.inference.cache.init_cache(...)["decoder"]`.
+        Returns logits [B, T, V] float32, hidden [B, T, D] (before the final norm) and the cache.
+        """
+        segment_ids = (positions >= 0).astype(jnp.int32)
+        hidden, _, cache = self.decoder(self.embed(tokens), positions, segment_ids, cache)
+        return self.lm_head(self.final_norm(hidden)), hidden, cache
+
+    def mtp_decode(self, head: int, previous_hidden: jax.Array, next_tokens: jax.Array,
+                   positions: jax.Array, cache) -> tuple[jax.Array, jax.Array, object]:
+        """MTP head `head` (0-based) over a chunk, with its KV cache.
+
+        previous_hidden: [B, T, D] (the main hidden state for head 0, else the previous head's);
+        next_tokens: [B, T] the token `head + 1` places after each position; positions: [B, T]
+        (-1 = padding). Returns the head's hidden [B, T, D], logits [B, T, V] and its cache.
+        """
+        segment_ids = (positions >= 0).astype(jnp.int32)
+        hidden, normed, cache = self.mtp_heads[head](
+            previous_hidden, self.embed(next_tokens), positions, segment_ids, cache)
+        return hidden, self.lm_head(normed), cache
 
 
 def init_params(model: MiMoV2Flash, rng: jax.Array, batch: int = 1, length: int = 8,

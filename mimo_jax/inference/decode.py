@@ -1,0 +1,122 @@
+"""Cached forward passes: prompt prefill and the per-row bookkeeping of a token buffer.
+
+A batch of prompts is right-padded into [B, T] with `lengths` [B]; row b's token at column j sits at
+position j, and every row then advances on its own (its frontier `n[b]` is the position of its
+newest token). Positions -1 mark padding everywhere: padding is neither attended to nor cached.
+Legend: B batch, T length, C chunk length, D model dim, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.model.transformer import MiMoV2Flash
+
+
+def model_decode(model: MiMoV2Flash, params: Any, tokens: jax.Array, positions: jax.Array,
+                 cache: dict) -> tuple[jax.Array, jax.Array, dict]:
+    """The main model over a chunk with its decoder cache: (logits [B, C, V], hidden [B, C, D],
+    new decoder cache)."""
+    return model.apply({"params": params}, tokens, positions, cache, method=MiMoV2Flash.decode)
+
+
+def mtp_decode(model: MiMoV2Flash, params: Any, head: int, previous_hidden: jax.Array,
+               next_tokens: jax.Array, positions: jax.Array,
+               cache: Any) -> tuple[jax.Array, jax.Array, Any]:
+    """MTP head `head` over a chunk: (hidden [B, C, D], logits [B, C, V], new head cache)."""
+    return model.apply({"params": params}, head, previous_hidden, next_tokens, positions, cache,
+                       method=MiMoV2Flash.mtp_decode)
+
+
+def gather_rows(x: jax.Array, starts: jax.Array, length: int) -> jax.Array:
+    """x[b, starts[b] : starts[b] + length] for every row; indices clipped into range.
+
+    x: [B, T, ...]; starts: [B] int. Returns [B, length, ...].
+    """
+    index = jnp.clip(starts[:, None] + jnp.arange(length), 0, x.shape[1] - 1)
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def write_rows(x: jax.Array, starts: jax.Array, values: jax.Array, count: jax.Array) -> jax.Array:
+    """x[b, starts[b] + i] = values[b, i] for i < count[b]; writes past the end are dropped.
+
+    x: [B, T]; starts, count: [B]; values: [B, C].
+    """
+    b, c = values.shape
+    index = starts[:, None] + jnp.arange(c)
+    index = jnp.where(jnp.arange(c) < count[:, None], index, x.shape[1])
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, c))
+    return x.at[rows, index].set(values.astype(x.dtype), mode="drop")
+
+
+def check_prompts(tokens: jax.Array, lengths: jax.Array) -> None:
+    """Raises a clear error for prompt shapes that cannot work (concrete lengths only)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"prompts must be [batch, length] token ids, got shape {tokens.shape}")
+    if lengths.shape != tokens.shape[:1]:
+        raise ValueError(f"prompt lengths must have shape {tokens.shape[:1]}, got {lengths.shape}")
+    if not isinstance(lengths, jax.core.Tracer):
+        bad = [int(n) for n in jax.device_get(lengths) if not 1 <= n <= tokens.shape[1]]
+        if bad:
+            raise ValueError(f"prompt lengths must be in [1, {tokens.shape[1]}], got {bad[0]}")
+
+
+def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Array,
+            cache: dict, *, chunk_size: int, mtp_heads: int = 0,
+            keep_hidden: bool = False) -> tuple[jax.Array, jax.Array | None, dict]:
+    """Runs the prompts through the model in chunks, filling the cache.
+
+    Args:
+      tokens: [B, T] right-padded prompts; lengths: [B] (each >= 1).
+      cache: from `init_cache`; its "mtp" list must hold at least `mtp_heads` caches.
+      chunk_size: prompt tokens per cached forward (bounds the attention's memory).
+      mtp_heads: also fill the caches of the first `mtp_heads` MTP heads at the positions
+        j < length - mtp_heads, the ones whose inputs are all prompt tokens (speculative decoding
+        computes the last ones itself, see `speculative.py`).
+      keep_hidden: also return the main model's hidden states.
+    Returns the logits at each row's last prompt token [B, V] float32, the hidden states
+    [B, T, D] (or None) and the cache.
+    """
+    b, t = tokens.shape
+    chunk = min(chunk_size, t)
+    num_chunks = -(-t // chunk)
+    padded = num_chunks * chunk
+    # One more column of padding so MTP heads may read the token after the last chunk.
+    tokens = jnp.pad(tokens, ((0, 0), (0, padded - t + mtp_heads)))
+    cfg = model.config
+    hidden_all = (jnp.zeros((b, padded, cfg.hidden_size), jnp.dtype(cfg.dtype)) if keep_hidden
+                  else None)
+    last_logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+
+    def body(c, carry):
+        cache, last_logits, hidden_all = carry
+        start = c * chunk
+        columns = start + jnp.arange(chunk)
+        positions = jnp.where(columns[None] < lengths[:, None], columns[None], -1)
+        chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        logits, hidden, decoder_cache = model_decode(model, params, chunk_tokens, positions,
+                                                     cache["decoder"])
+        last = lengths - 1 - start
+        in_chunk = (last >= 0) & (last < chunk)
+        row_logits = jnp.take_along_axis(logits, jnp.clip(last, 0, chunk - 1)[:, None, None],
+                                         axis=1)[:, 0]
+        last_logits = jnp.where(in_chunk[:, None], row_logits, last_logits)
+        mtp_caches = list(cache["mtp"])
+        previous = hidden
+        mtp_positions = jnp.where(columns[None] < lengths[:, None] - mtp_heads, columns[None], -1)
+        for head in range(mtp_heads):
+            next_tokens = jax.lax.dynamic_slice_in_dim(tokens, start + head + 1, chunk, axis=1)
+            previous, _, mtp_caches[head] = mtp_decode(model, params, head, previous, next_tokens,
+                                                       mtp_positions, mtp_caches[head])
+        if keep_hidden:
+            hidden_all = jax.lax.dynamic_update_slice_in_dim(
+                hidden_all, hidden.astype(hidden_all.dtype), start, axis=1)
+        return {"decoder": decoder_cache, "mtp": mtp_caches}, last_logits, hidden_all
+
+    cache, last_logits, hidden_all = jax.lax.fori_loop(
+        0, num_chunks, body, (cache, last_logits, hidden_all))
+    return last_logits, (hidden_all[:, :t] if keep_hidden else None), cache

@@ -1,0 +1,184 @@
+"""Plain autoregressive generation: prefill, then one cached decode step per token, all inside one
+`jax.lax.while_loop`, so that a whole generation is one compiled program.
+
+Rows finish on their own (a stop token, or `max_new_tokens`); finished rows stop writing to the
+cache and the loop ends when every row has finished.
+Legend: B batch, T prompt length, S buffer length (T + max_new_tokens [+ look-ahead]), V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from mimo_jax.config import ModelConfig
+from mimo_jax.inference import cache as kv_cache
+from mimo_jax.inference import decode
+from mimo_jax.inference.sampling import SamplingConfig, sample
+from mimo_jax.model.transformer import MiMoV2Flash
+
+StreamFn = Callable[[Any, Any], None]
+
+
+@flax.struct.dataclass
+class Generation:
+    """The result of a generation.
+
+    tokens: [B, S] prompt then generated tokens; entries at or past `lengths` are meaningless.
+    lengths: [B] prompt + generated length of each row.
+    prompt_lengths: [B]; num_generated: [B] new tokens per row (a stop token included).
+    steps: [B] main-model decode passes after the prefill (verification passes when speculative).
+    committed: [B] tokens those passes produced before stop/length truncation; committed / steps
+      is the mean acceptance length (1 for plain decoding, up to k + 1 with k drafts).
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    prompt_lengths: jax.Array
+    num_generated: jax.Array
+    steps: jax.Array
+    committed: jax.Array
+
+    def acceptance_length(self) -> float:
+        """Mean tokens per main-model decode pass over the whole batch."""
+        steps = int(jnp.sum(self.steps))
+        return float(jnp.sum(self.committed)) / steps if steps else 0.0
+
+    def generated(self, row: int) -> list[int]:
+        """Row `row`'s new tokens as a Python list."""
+        start, end = int(self.prompt_lengths[row]), int(self.lengths[row])
+        return [int(t) for t in jax.device_get(self.tokens[row, start:end])]
+
+
+def commit_count(new_tokens: jax.Array, proposed: jax.Array, generated: jax.Array,
+                 done: jax.Array, *, max_new_tokens: int,
+                 stop_tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """How many of a step's proposed tokens each row keeps, and which rows are now finished.
+
+    new_tokens: [B, C] the step's tokens in order; proposed: [B] how many of them are valid.
+    A row keeps tokens up to and including its first stop token, never past `max_new_tokens`
+    in total, and nothing once finished. Returns (count [B] int32, done [B] bool).
+    """
+    c = new_tokens.shape[1]
+    count = jnp.minimum(proposed, max_new_tokens - generated)
+    in_range = jnp.arange(c)[None] < count[:, None]
+    is_stop = jnp.isin(new_tokens, stop_tokens) & in_range
+    hit = jnp.any(is_stop, axis=1)
+    count = jnp.where(hit, jnp.argmax(is_stop, axis=1) + 1, count)
+    count = jnp.where(done, 0, count).astype(jnp.int32)
+    return count, done | hit | (generated + count >= max_new_tokens)
+
+
+def stop_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """Stop tokens as an int32 array (a traced argument, so changing them does not recompile);
+    -1, which no token equals, when there are none."""
+    stops = [int(s) for s in stop_tokens]
+    if any(s < 0 for s in stops):
+        raise ValueError(f"stop tokens must be token ids >= 0, got {stops}")
+    return jnp.asarray(stops or [-1], jnp.int32)
+
+
+def stream_step(stream: StreamFn | None, new_tokens: jax.Array, count: jax.Array) -> None:
+    """Hands a step's kept tokens ([B, C] and counts [B]) to the host, in order."""
+    if stream is not None:
+        jax.debug.callback(stream, new_tokens, count, ordered=True)
+
+
+@flax.struct.dataclass
+class _State:
+    tokens: jax.Array  # [B, S]
+    frontier: jax.Array  # [B] position of the newest token
+    generated: jax.Array  # [B]
+    done: jax.Array  # [B]
+    steps: jax.Array  # [B]
+    cache: dict
+    rng: jax.Array
+
+
+def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
+              stops: jax.Array, *,
+              config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
+              prefill_chunk: int, stream: StreamFn | None) -> Generation:
+    model = MiMoV2Flash(config)
+    b, t = prompts.shape
+    total = t + max_new_tokens
+    cache = kv_cache.init_cache(config, b, total, num_mtp_heads=0)
+    last_logits, _, cache = decode.prefill(model, params, prompts, lengths, cache,
+                                           chunk_size=prefill_chunk)
+    rng, first_rng = jax.random.split(rng)
+    first = sample(first_rng, last_logits, sampling)[:, None]
+    zeros = jnp.zeros((b,), jnp.int32)
+    count, done = commit_count(first, jnp.ones((b,), jnp.int32), zeros, jnp.zeros((b,), bool),
+                               max_new_tokens=max_new_tokens, stop_tokens=stops)
+    stream_step(stream, first, count)
+    buffer = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens)))
+    buffer = decode.write_rows(buffer, lengths, first, count)
+    state = _State(tokens=buffer, frontier=lengths - 1 + count, generated=count, done=done,
+                   steps=zeros, cache=cache, rng=rng)
+
+    def step(state: _State) -> _State:
+        rng, step_rng = jax.random.split(state.rng)
+        current = decode.gather_rows(state.tokens, state.frontier, 1)
+        positions = jnp.where(state.done, -1, state.frontier)[:, None]
+        logits, _, decoder_cache = decode.model_decode(model, params, current, positions,
+                                                       state.cache["decoder"])
+        new = sample(step_rng, logits[:, 0], sampling)[:, None]
+        active = ~state.done
+        count, done = commit_count(new, jnp.ones((b,), jnp.int32), state.generated, state.done,
+                                   max_new_tokens=max_new_tokens, stop_tokens=stops)
+        stream_step(stream, new, count)
+        return _State(tokens=decode.write_rows(state.tokens, state.frontier + 1, new, count),
+                      frontier=state.frontier + count, generated=state.generated + count,
+                      done=done, steps=state.steps + active,
+                      cache={"decoder": decoder_cache, "mtp": state.cache["mtp"]}, rng=rng)
+
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
+    return Generation(tokens=state.tokens, lengths=state.frontier + 1, prompt_lengths=lengths,
+                      num_generated=state.generated, steps=state.steps, committed=state.steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
+              prefill_chunk: int, stream: StreamFn | None):
+    return jax.jit(functools.partial(
+        _generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling,
+        prefill_chunk=prefill_chunk, stream=stream))
+
+
+def check_generation_args(config: ModelConfig, prompts: jax.Array, lengths: jax.Array,
+                          max_new_tokens: int) -> None:
+    """Clear errors for arguments a caller can get wrong."""
+    decode.check_prompts(prompts, lengths)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not isinstance(prompts, jax.core.Tracer):
+        low, high = int(jnp.min(prompts)), int(jnp.max(prompts))
+        if low < 0 or high >= config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), "
+                             f"got {low if low < 0 else high}")
+
+
+def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Array, *,
+             max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
+             prefill_chunk: int = 256, stream: StreamFn | None = None) -> Generation:
+    """Generates up to `max_new_tokens` tokens after each prompt with the KV cache.
+
+    Args:
+      model, params: the model and its parameters.
+      prompts: [B, T] int32 right-padded prompts; lengths: [B] int32 prompt lengths (>= 1).
+      sampling: greedy by default; rng: a PRNG key (default key 0) for temperature > 0.
+      stop_tokens: a row finishes after emitting any of these (it is kept in the output).
+      prefill_chunk: prompt tokens per prefill forward.
+      stream: optional host callback `stream(tokens [B, C], counts [B])` called after every step
+        with the tokens each row kept (numpy arrays); it must be hashable (a plain function).
+    """
+    prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
+    check_generation_args(model.config, prompts, lengths, max_new_tokens)
+    rng = jax.random.key(0) if rng is None else rng
+    fn = _compiled(model.config, max_new_tokens, sampling, prefill_chunk, stream)
+    return fn(params, prompts, lengths, rng, stop_array(stop_tokens))
