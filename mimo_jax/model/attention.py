@@ -93,5 +93,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x, positions)
         attended = attention_ops.attention(
             q, k, v, sinks=self.sinks, window=self.config.sliding_window,
-            segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
+            segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size,
+            # Mesh axes of q and k/v under the current logical rules; a split length axis runs
+            # context-parallel attention.
+            mesh_axes=(nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim")),
+                       nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))))
         return self.output(attended)

@@ -27,7 +27,8 @@ IMPLS = ("reference", "chunked", "pallas", "auto")
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | None = None,
               window: int | None = None, segment_ids: jax.Array | None = None,
-              impl: str = "auto", chunk_size: int = 128) -> jax.Array:
+              impl: str = "auto", chunk_size: int = 128,
+              mesh_axes: tuple | None = None) -> jax.Array:
     """Causal self-attention. Returns [B, T, N, V] in q's dtype.
 
     Args:
@@ -38,9 +39,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
         other rows see only keys with the same id. None = one segment, no padding.
       impl: "reference", "chunked", "pallas" or "auto" (Pallas on TPU/GPU, chunked on CPU).
       chunk_size: query chunk length of the chunked path.
+      mesh_axes: optional (q, k/v) mesh PartitionSpecs of [batch, length, heads, head_dim] (from
+        the logical axis rules). When the length entry splits the sequence on the current mesh,
+        attention runs context-parallel (`context_parallel.py`); the result is the same.
     The softmax scale H**-0.5 is applied inside.
     """
     _check_shapes(q, k, v, sinks, window, segment_ids)
+    if mesh_axes is not None:
+        from mimo_jax.ops import context_parallel  # pylint: disable=import-outside-toplevel
+        if context_parallel.is_context_sharded(mesh_axes[0]):
+            return context_parallel.attention(
+                q, k, v, sinks=sinks, window=window, segment_ids=segment_ids, impl=impl,
+                chunk_size=chunk_size, q_spec=mesh_axes[0], kv_spec=mesh_axes[1])
     if impl == "auto":
         impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "chunked"
     if impl == "reference":

@@ -1,0 +1,292 @@
+"""Expert-parallel MoE dispatch: token copies travel to the shard that owns their expert and back.
+
+Runs inside `jax.shard_map` over the whole mesh. Each shard holds E/P experts (P = size of the mesh
+axes that split the experts) and its own tokens. Per shard:
+
+  1. sort its T*k token copies by expert (padding tokens are not sent);
+  2. exchange per-expert counts with `all_to_all`; each receiver lays out what it will get grouped
+     by its local expert, then by source shard, so every local expert's rows are contiguous;
+  3. send the copies with `ragged_all_to_all` (slice e of the sorted copies goes to shard e // (E/P),
+     at the offset the receiver chose) into a receive buffer of C rows;
+  4. run the local experts with grouped matmuls (`ragged_dot`) over the buffer;
+  5. send the results back the same way (`ragged_all_to_all` with the offsets swapped), unsort,
+     weight by the gates and sum the k copies of each token.
+
+Receive buffer: C = ceil(capacity_factor * T * k) rows (the expected copies per shard when the
+load is balanced); a copy past the buffer is dropped (its contribution is zero). Capacity factor 0
+means dropless: C = P * T * min(k, E/P), the most copies that can land on one shard.
+
+Transport: `ragged_all_to_all` on TPU and GPU. XLA:CPU has no ragged all-to-all, so "all_to_all"
+runs the same exchange as a padded dense `all_to_all` plus a scatter, with the identical contract
+(`ragged_all_to_all_dense`); "auto" picks per backend.
+
+Weights split over other mesh axes too: a dim split over axes that also split the tokens (FSDP) is
+all-gathered inside (its gradient is reduce-scattered by autodiff); the expert hidden dim F split
+over axes that do not split the tokens (tensor parallelism) stays split and the partial outputs
+are summed with `psum`.
+
+Legend: B batch, T length (per shard inside the map), D model dim, E experts, k experts per token,
+F expert ffn dim, P expert shards, C receive-buffer rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mimo_jax.ops import moe as moe_ops
+
+TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallelOptions:
+    """capacity_factor: receive buffer size in units of the balanced load; 0 = dropless.
+    transport: "ragged_all_to_all", "all_to_all" (dense emulation) or "auto"."""
+
+    capacity_factor: float = 0.0
+    transport: str = "auto"
+
+    def __post_init__(self):
+        if self.capacity_factor < 0:
+            raise ValueError(f"expert capacity_factor must be >= 0 (0 = dropless), "
+                             f"got {self.capacity_factor}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"expert transport {self.transport!r} is not one of {TRANSPORTS}")
+
+
+_OPTIONS: contextvars.ContextVar[ExpertParallelOptions] = contextvars.ContextVar(
+    "expert_parallel_options", default=ExpertParallelOptions())
+
+
+def current_options() -> ExpertParallelOptions:
+    """The options set by the innermost `use_options` (defaults: dropless, auto transport)."""
+    return _OPTIONS.get()
+
+
+@contextlib.contextmanager
+def use_options(options: ExpertParallelOptions) -> Iterator[None]:
+    """Sets the expert-parallel options for code traced inside the block."""
+    token = _OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def _axes(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _axis_name(axes: tuple[str, ...]):
+    return axes[0] if len(axes) == 1 else axes
+
+
+def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def receive_capacity(tokens: int, top_k: int, num_shards: int, experts_per_shard: int,
+                     capacity_factor: float) -> int:
+    """Rows C of one shard's receive buffer for `tokens` local tokens (see the module docstring)."""
+    worst = num_shards * tokens * min(top_k, experts_per_shard)
+    if capacity_factor == 0:
+        return worst
+    expected = math.ceil(capacity_factor * tokens * top_k)
+    return max(1, min(worst, -(-expected // 8) * 8))  # whole sublanes of 8 rows
+
+
+def ragged_all_to_all_dense(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
+                            send_sizes: jax.Array, output_offsets: jax.Array,
+                            recv_sizes: jax.Array, *, axis_name, num_shards: int) -> jax.Array:
+    """`jax.lax.ragged_all_to_all`'s contract with a dense `all_to_all` (any backend).
+
+    Every shard packs the slices it sends to each destination into a [P, L, ...] buffer
+    (L = min(operand rows, output rows)) together with the output row of each packed row, swaps
+    them with `all_to_all`, and scatters the received rows into `output`. Same arguments and
+    result as `ragged_all_to_all`; `recv_sizes` is implied by the senders and not read.
+    """
+    del recv_sizes
+    rows, out_rows = operand.shape[0], output.shape[0]
+    per_dest = input_offsets.shape[0] // num_shards
+    length = min(rows, out_rows)
+    sizes = send_sizes.reshape(num_shards, per_dest)
+    ends = jnp.cumsum(sizes, axis=1)  # [P, S] packed end of each slice
+    packed = jnp.arange(length, dtype=ends.dtype)
+    slice_of_row = jax.vmap(lambda e: jnp.searchsorted(e, packed, side="right"))(ends)
+    valid = packed[None, :] < ends[:, -1:]  # [P, L]
+    slice_of_row = jnp.minimum(slice_of_row, per_dest - 1)
+    within = packed[None, :] - jnp.take_along_axis(ends - sizes, slice_of_row, axis=1)
+    source_row = jnp.take_along_axis(input_offsets.reshape(num_shards, per_dest), slice_of_row,
+                                     axis=1) + within
+    target_row = jnp.take_along_axis(output_offsets.reshape(num_shards, per_dest), slice_of_row,
+                                     axis=1) + within
+    target_row = jnp.where(valid, target_row, out_rows)  # out of range: dropped by the scatter
+    shape = (1,) * (operand.ndim - 1)
+    buffer = jnp.where(valid.reshape(valid.shape + shape),
+                       jnp.take(operand, jnp.clip(source_row, 0, rows - 1), axis=0),
+                       jnp.zeros((), operand.dtype))
+    buffer = jax.lax.all_to_all(buffer, axis_name, 0, 0)  # [P (source), L, ...]
+    target_row = jax.lax.all_to_all(target_row, axis_name, 0, 0)
+    return output.at[target_row.reshape(-1)].set(
+        buffer.reshape((-1,) + operand.shape[1:]), mode="drop")
+
+
+def _transport(name: str):
+    if name == "auto":
+        name = "ragged_all_to_all" if jax.default_backend() in ("tpu", "gpu") else "all_to_all"
+    if name == "ragged_all_to_all":
+        return lambda *args, axis_name, num_shards: jax.lax.ragged_all_to_all(
+            *args, axis_name=axis_name)
+    return ragged_all_to_all_dense
+
+
+def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expert_axes,
+                   capacity_factor: float, transport: str) -> jax.Array:
+    """The per-shard body: exchange, grouped matmuls, exchange back, combine.
+
+    tokens [T, D]; weights, indices [T, k]; mask [T] bool; w_gate, w_up [E/P, D, F'];
+    w_down [E/P, F', D] (F' = F or its local part). Returns [T, D] float32.
+    """
+    num_tokens, top_k = indices.shape
+    local_experts = w_gate.shape[0]
+    axis = _axis_name(expert_axes)
+    num_shards = jax.lax.axis_size(axis)
+    num_experts = local_experts * num_shards
+    send = _transport(transport)
+
+    # 1. Sort the copies by expert; padding copies get expert id E and sort last, unsent.
+    expert_of_copy = jnp.where(mask[:, None], indices, num_experts).reshape(-1)
+    order = jnp.argsort(expert_of_copy, stable=True)
+    counts = jnp.bincount(expert_of_copy, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    token_of_copy = order // top_k
+    sorted_copies = jnp.take(tokens, token_of_copy, axis=0)  # [T*k, D]
+    send_offsets = _exclusive_cumsum(counts)  # [E]
+
+    # 2. What each shard receives: incoming[s, l] copies from source s for local expert l, laid
+    #    out expert-major then source, and clipped to the buffer.
+    capacity = receive_capacity(num_tokens, top_k, num_shards, local_experts, capacity_factor)
+    incoming = jax.lax.all_to_all(counts, axis, 0, 0, tiled=True).reshape(num_shards,
+                                                                          local_experts)
+    expert_start = _exclusive_cumsum(jnp.sum(incoming, axis=0))  # [E/P]
+    receive_offsets = expert_start[None, :] + _exclusive_cumsum(incoming, axis=0)  # [P, E/P]
+    accepted = jnp.clip(capacity - receive_offsets, 0, incoming).astype(jnp.int32)
+    group_sizes = jnp.sum(accepted, axis=0).astype(jnp.int32)  # [E/P]
+    # The senders learn where their slices go and how much of each is accepted.
+    send_sizes = jax.lax.all_to_all(accepted.reshape(-1), axis, 0, 0, tiled=True)
+    target_offsets = jax.lax.all_to_all(receive_offsets.reshape(-1), axis, 0, 0, tiled=True)
+    return_offsets = jax.lax.all_to_all(send_offsets, axis, 0, 0, tiled=True)
+
+    # 3. Copies to their experts' shards.
+    received = send(sorted_copies, jnp.zeros((capacity,) + tokens.shape[1:], tokens.dtype),
+                    send_offsets, send_sizes, target_offsets, accepted.reshape(-1),
+                    axis_name=axis, num_shards=num_shards)
+
+    # 4. Local experts over contiguous groups; rows past the groups are zeroed.
+    gate = jax.lax.ragged_dot(received, w_gate, group_sizes)
+    up = jax.lax.ragged_dot(received, w_up, group_sizes)
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [C, D]
+    filled = jnp.arange(capacity) < jnp.sum(group_sizes)
+    out = jnp.where(filled[:, None], out, jnp.zeros((), out.dtype))
+
+    # 5. Results back to the copies' home shards, in sorted order; dropped copies stay zero.
+    returned = send(out, jnp.zeros_like(sorted_copies), receive_offsets.reshape(-1),
+                    accepted.reshape(-1), return_offsets, send_sizes,
+                    axis_name=axis, num_shards=num_shards)
+    copy_weight = jnp.take(weights.reshape(-1), order) * (jnp.take(expert_of_copy, order)
+                                                           < num_experts)
+    weighted = returned.astype(jnp.float32) * copy_weight[:, None]
+    return jax.ops.segment_sum(weighted, token_of_copy, num_segments=num_tokens)
+
+
+def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
+             w_up: jax.Array, w_down: jax.Array, *, token_mask: jax.Array | None,
+             token_spec: P, weight_spec: P,
+             mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+             options: ExpertParallelOptions | None = None) -> jax.Array:
+    """Expert-parallel routed experts. Returns [B, T, D] in x's dtype.
+
+    Args:
+      x: [B, T, D] tokens. weights, indices: [B, T, k] gate weights and expert ids (from
+        `moe_ops.route`). token_mask: [B, T] bool, False for padding (its output is zero and its
+        copies are not sent); None = all real.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      token_spec: mesh PartitionSpec of x ([batch, length, embed] under the logical rules).
+      weight_spec: mesh PartitionSpec of w_gate ([experts, embed, mlp]); its first entry names
+        the mesh axes that split the experts.
+      mesh: defaults to the current mesh (`jax.sharding.get_abstract_mesh()`).
+      options: defaults to `current_options()`.
+    Without a mesh, or when the experts are not split, this is the local dropless dispatch
+    (`moe_ops.ragged_dispatch`) with padding outputs zeroed: the same result.
+    """
+    options = current_options() if options is None else options
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    b, t, d = x.shape
+    if token_mask is None:
+        token_mask = jnp.ones((b, t), bool)
+    token_spec = P(*(tuple(token_spec) + (None,) * (3 - len(token_spec))))
+    weight_spec = P(*(tuple(weight_spec) + (None,) * (3 - len(weight_spec))))
+    expert_axes = _axes(weight_spec[0])
+    sizes = {} if mesh.empty else dict(mesh.shape)
+    if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:
+        y = moe_ops.ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
+                                    indices.reshape(b * t, -1), w_gate, w_up, w_down)
+        return jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
+    if w_gate.shape[0] % math.prod(sizes[a] for a in expert_axes):
+        raise ValueError(f"{w_gate.shape[0]} experts do not split over mesh axes {expert_axes} "
+                         f"of sizes {[sizes[a] for a in expert_axes]}")
+
+    token_axes = set(_axes(token_spec[0])) | set(_axes(token_spec[1]))
+    if not set(expert_axes) <= token_axes:
+        # Tokens whole on the expert axes: split the batch over them for the exchange, so each
+        # expert shard sends a distinct part (the map's output is then split the same way).
+        missing = tuple(a for a in expert_axes if a not in token_axes)
+        if b % (math.prod(sizes[a] for a in _axes(token_spec[0])) * math.prod(
+                sizes[a] for a in missing)):
+            raise ValueError(f"batch {b} does not split over mesh axes "
+                             f"{_axes(token_spec[0]) + missing} for expert parallelism")
+        token_spec = P(_axes(token_spec[0]) + missing, token_spec[1], token_spec[2])
+        token_axes |= set(missing)
+    x_model_axes = _axes(token_spec[2])
+    d_axes, f_axes = _axes(weight_spec[1]), _axes(weight_spec[2])
+    # F stays split (partial sums + psum) only over axes that split neither tokens nor experts.
+    f_split = () if (set(f_axes) & (token_axes | set(expert_axes))) else f_axes
+    f_gather = tuple(a for a in f_axes if a not in f_split)
+
+    def gather(w, axes, dim):
+        return jax.lax.all_gather(w, _axis_name(axes), axis=dim, tiled=True) if axes else w
+
+    def body(x, weights, indices, mask, w_gate, w_up, w_down):
+        x = gather(x, x_model_axes, 2)
+        bl, tl, _ = x.shape
+        w_gate = gather(gather(w_gate, d_axes, 1), f_gather, 2)
+        w_up = gather(gather(w_up, d_axes, 1), f_gather, 2)
+        w_down = gather(gather(w_down, d_axes, 2), f_gather, 1)
+        y = _local_experts(x.reshape(bl * tl, d), weights.reshape(bl * tl, -1),
+                           indices.reshape(bl * tl, -1), mask.reshape(-1), w_gate, w_up, w_down,
+                           expert_axes=expert_axes, capacity_factor=options.capacity_factor,
+                           transport=options.transport)
+        if f_split:
+            y = jax.lax.psum(y, _axis_name(f_split))
+        y = y.astype(x.dtype).reshape(bl, tl, d)
+        if x_model_axes:
+            part = d // math.prod(jax.lax.axis_size(a) for a in x_model_axes)
+            y = jax.lax.dynamic_slice_in_dim(
+                y, jax.lax.axis_index(_axis_name(x_model_axes)) * part, part, axis=2)
+        return y
+
+    bt = P(token_spec[0], token_spec[1])
+    routed = P(token_spec[0], token_spec[1], None)
+    in_specs = (token_spec, routed, routed, bt, weight_spec, weight_spec,
+                P(weight_spec[0], weight_spec[2], weight_spec[1]))
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=token_spec)
+    return mapped(x, weights, indices, token_mask, w_gate, w_up, w_down)

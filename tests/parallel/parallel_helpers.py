@@ -1,0 +1,93 @@
+"""Shared pieces of the parallelism tests (imported by the tests and by the multi-process worker):
+a 3-layer float32 model, a packed batch with padding, the objective, and quick-compile options
+(a lower LLVM optimisation level: the same numbers, half the compile time)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from configs import tiny
+from mimo_jax.config import ModelConfig, model_config_from_dict
+from mimo_jax.model.mtp import shift_left
+
+QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+VOCAB = 256
+
+
+def parallel_model_config(**overrides) -> ModelConfig:
+    """configs/tiny.py shrunk: 3 layers (global+dense, then 2 sliding+MoE), window 9 (longer than
+    a context shard, so halos cross two shards), 8 experts top-2, one MTP head, float32."""
+    cfg = tiny.get_config().model
+    cfg.num_layers = 3
+    cfg.vocab_size = VOCAB
+    cfg.hidden_size = 32
+    cfg.sliding.update(num_heads=4, num_kv_heads=2, qk_head_dim=16, v_head_dim=8, rope_dim=8,
+                       sliding_window=9)
+    cfg.full.update(num_heads=4, num_kv_heads=1, qk_head_dim=16, v_head_dim=8, rope_dim=8)
+    cfg.dense_intermediate_size = 64
+    cfg.moe_intermediate_size = 16
+    cfg.num_experts = 8
+    cfg.num_experts_per_token = 2
+    cfg.attention_chunk_size = 4
+    cfg.num_mtp_heads = 1
+    for key, value in overrides.items():
+        cfg[key] = value
+    return model_config_from_dict(cfg)
+
+
+def packed_batch(batch: int = 8, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random tokens; rows hold several documents (some crossing shard borders) and padding."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, (batch, length)).astype(np.int32)
+    segments = np.ones((batch, length), np.int32)
+    segments[0, 5:] = 2
+    segments[1, length - 4:] = 0
+    segments[3, 7:] = 2
+    segments[3, 11:] = 3
+    segments[5, 2:] = 2
+    segments[5, length - 1:] = 0
+    return {"tokens": tokens, "segment_ids": segments}
+
+
+def objective(model, params, batch) -> jax.Array:
+    """Next-token + MTP cross-entropy (token means) + 0.01 x the balance loss."""
+    out = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                      return_mtp=model.config.num_mtp_heads > 0)
+    heads = [(1, out.logits)]
+    if out.mtp_logits is not None:
+        heads += [(k + 2, logits) for k, logits in enumerate(out.mtp_logits)]
+    total = jnp.zeros((), jnp.float32)
+    for shift, logits in heads:
+        targets, valid = shift_left(batch["tokens"], batch["segment_ids"], shift)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        total += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return total + 1e-2 * out.balance_loss
+
+
+def max_relative_error(got, want) -> float:
+    """max over leaves of ||got - want|| / ||want|| (leaves of norm 0 compare absolutely)."""
+    errors = []
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = np.linalg.norm(w)
+        errors.append(np.linalg.norm(g - w) / (scale if scale > 0 else 1.0))
+    return max(errors)
+
+
+def random_params(model, seed: int = 1):
+    """Random parameters of `model`'s shapes without compiling its init (normal(0, 0.1); norm
+    scales 1 + normal(0, 0.1)); the correction biases random too, so routing is uneven."""
+    from mimo_jax.model.transformer import init_params  # pylint: disable=import-outside-toplevel
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        values = rng.normal(0.0, 0.1, leaf.shape)
+        if getattr(path[-1], "key", None) == "scale":
+            values += 1.0
+        return jnp.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
