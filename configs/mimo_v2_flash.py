@@ -97,4 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
     train.tensorboard = True
     train.plot = True
     train.num_devices = 0  # 0 = every device
+
+    # Device mesh and sharding (mimo_jax/parallel): FSDP + expert + context parallelism within a
+    # slice, data parallelism across slices. `python -m mimo_jax.plan --config ... --mesh v5p-512`
+    # prints the bytes per device this needs; README "Choosing a mesh" explains the choices.
+    config.mesh = mesh = ml_collections.ConfigDict()
+    mesh.ici = "fsdp=-1,expert=16,context=2"  # within a slice; -1 fills the rest
+    mesh.dcn = "data=-1"  # across slices (1 on a single slice)
+    mesh.rules = "fsdp_ep_cp"  # a preset of mimo_jax.parallel.rules.PRESETS
+    mesh.expert_capacity_factor = 1.25  # receive buffer vs balanced load; 0 = dropless
+    mesh.expert_transport = "auto"  # ragged_all_to_all on TPU/GPU
     return config

@@ -39,12 +39,11 @@ def _fill(sizes: dict[str, int], total: int, key: str) -> tuple[int, ...]:
 
 
 def _granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
-    """What counts as a slice ('slice_index' on multi-slice TPU, else 'process_index') and how
-    many there are among `devices`."""
+    """What counts as a slice among `devices` and how many there are: TPU slices
+    ('slice_index'; one slice however many hosts it spans), else processes ('process_index':
+    a GPU or CPU host running one process)."""
     if hasattr(devices[0], "slice_index"):
-        count = len({d.slice_index for d in devices})
-        if count > 1:
-            return "slice_index", count
+        return "slice_index", len({d.slice_index for d in devices})
     return "process_index", len({d.process_index for d in devices})
 
 
@@ -68,14 +67,12 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     that `mimo_jax.parallel.sharding` puts on parameters, batches and activations.
     """
     devices = list(jax.devices() if devices is None else devices)
-    dcn_total = math.prod(s for s in config.dcn_sizes().values() if s != -1)
     granule_attr, num_granules = _granules(devices)
-    wants_dcn = dcn_total > 1 or -1 in config.dcn_sizes().values()
-    if granule_attr == "slice_index" and num_granules > 1 and not wants_dcn:
-        raise ConfigError(f"config key 'mesh.dcn' = {config.dcn_sizes()}: the devices form "
-                          f"{num_granules} slices; split an axis across them, e.g. 'data=-1'")
-    num_slices = num_granules if wants_dcn else 1
-    ici, dcn = mesh_shape(config, len(devices), num_slices)
+    dcn_sizes = config.dcn_sizes()
+    if granule_attr == "process_index" and math.prod(dcn_sizes.values()) == 1:
+        # Processes on GPU/CPU count as slices only when the config splits an axis across them.
+        num_granules = 1
+    ici, dcn = mesh_shape(config, len(devices), num_granules)
     if math.prod(dcn) > 1:
         device_array = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devices, process_is_granule=granule_attr == "process_index",

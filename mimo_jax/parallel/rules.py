@@ -27,6 +27,11 @@ _FSDP = (("embed", "fsdp"),)
 # FSDP); expert weights take `expert` for their expert dim first, so their `embed` falls back to
 # `fsdp` alone.
 _EXPERT = (("experts", "expert"), ("embed", ("fsdp", "expert")), ("embed", "fsdp"))
+# With context parallelism the weights are also split over the context axis (extra FSDP), so
+# that every device holds 1/devices of them.
+_FSDP_CP = (("embed", ("fsdp", "context")), ("embed", "fsdp"))
+_EXPERT_CP = (("experts", "expert"), ("embed", ("fsdp", "context", "expert")),
+              ("embed", ("fsdp", "context")), ("embed", "fsdp"))
 _TENSOR = (("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
 _CONTEXT = (("length", "context"),)
 
@@ -39,10 +44,10 @@ PRESETS: dict[str, Rules] = {
     # + expert parallelism: experts over the expert axis, tokens moved by all-to-all.
     "fsdp_ep": _BATCH + _EXPERT,
     # + context parallelism: the sequence over the context axis.
-    "fsdp_cp": _BATCH + _CONTEXT + _FSDP,
-    "fsdp_ep_cp": _BATCH + _CONTEXT + _EXPERT,
+    "fsdp_cp": _BATCH + _CONTEXT + _FSDP_CP,
+    "fsdp_ep_cp": _BATCH + _CONTEXT + _EXPERT_CP,
     "fsdp_tp_ep": _BATCH + _TENSOR + _EXPERT,
-    "fsdp_tp_ep_cp": _BATCH + _CONTEXT + _TENSOR + _EXPERT,
+    "fsdp_tp_ep_cp": _BATCH + _CONTEXT + _TENSOR + _EXPERT_CP,
 }
 
 

@@ -55,19 +55,17 @@ def _path_keys(path) -> tuple:
     return tuple(keys)
 
 
-def shardings_like_params(tree: PyTree, params: PyTree, param_shardings: PyTree,
-                          mesh: jax.sharding.Mesh) -> PyTree:
-    """Shardings for a tree that holds copies of the parameters (e.g. optimizer state).
+def match_params(tree: PyTree, params: PyTree, param_values: PyTree, default: Any) -> PyTree:
+    """For each leaf of `tree`, the value of the parameter it copies, else `default`.
 
-    A leaf whose path ends with a parameter's path and whose shape equals that parameter's gets
-    the parameter's sharding; every other leaf is replicated. Works on arrays and on
-    `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(optimizer.init, params)`).
+    A leaf copies a parameter when its path ends with the parameter's path and its shape equals
+    the parameter's (optimizer moments, EMA copies...). `param_values` is a tree shaped like
+    `params` (e.g. its shardings or PartitionSpecs); works on arrays and ShapeDtypeStructs.
     """
+    values = jax.tree.leaves(param_values, is_leaf=lambda x: isinstance(x, PartitionSpec))
     by_path = {}
-    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                      jax.tree.leaves(param_shardings)):
-        by_path[_path_keys(path)] = (tuple(leaf.shape), sharding)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    for (path, leaf), value in zip(jax.tree_util.tree_flatten_with_path(params)[0], values):
+        by_path[_path_keys(path)] = (tuple(leaf.shape), value)
 
     def pick(path, leaf):
         keys = _path_keys(path)
@@ -76,9 +74,16 @@ def shardings_like_params(tree: PyTree, params: PyTree, param_shardings: PyTree,
             match = by_path.get(keys[start:])
             if match is not None and match[0] == shape:
                 return match[1]
-        return replicated
+        return default
 
     return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def shardings_like_params(tree: PyTree, params: PyTree, param_shardings: PyTree,
+                          mesh: jax.sharding.Mesh) -> PyTree:
+    """Shardings for a tree that holds copies of the parameters (e.g. optimizer state): a copy
+    of a parameter gets its sharding (see `match_params`), every other leaf is replicated."""
+    return match_params(tree, params, param_shardings, NamedSharding(mesh, PartitionSpec()))
 
 
 def batch_spec(ndim: int, rules: rules_lib.Rules) -> PartitionSpec:

@@ -14,6 +14,8 @@ from mimo_jax.parallel import (MESH_AXES, PRESETS, Parallelism, make_mesh, mesh_
                                mesh_shape)
 
 FE = ("fsdp", "expert")
+FC = ("fsdp", "context")
+FCE = ("fsdp", "context", "expert")
 # Expected mesh PartitionSpecs of four representative weights (scanned: leading layer axis).
 #   q_proj [layers, embed, heads, head_dim]   expert gate [layers, experts, embed, mlp]
 #   embedding [vocab, embed]                  router [layers, embed, None]
@@ -24,15 +26,14 @@ EXPECTED = {
                     embed=P("tensor", "fsdp"), router=P(None, "fsdp", None)),
     "fsdp_ep": dict(q=P(None, FE, None, None), gate=P(None, "expert", "fsdp", None),
                     embed=P(None, FE), router=P(None, FE, None)),
-    "fsdp_cp": dict(q=P(None, "fsdp", None, None), gate=P(None, None, "fsdp", None),
-                    embed=P(None, "fsdp"), router=P(None, "fsdp", None)),
-    "fsdp_ep_cp": dict(q=P(None, FE, None, None), gate=P(None, "expert", "fsdp", None),
-                       embed=P(None, FE), router=P(None, FE, None)),
+    "fsdp_cp": dict(q=P(None, FC, None, None), gate=P(None, None, FC, None),
+                    embed=P(None, FC), router=P(None, FC, None)),
+    "fsdp_ep_cp": dict(q=P(None, FCE, None, None), gate=P(None, "expert", FC, None),
+                       embed=P(None, FCE), router=P(None, FCE, None)),
     "fsdp_tp_ep": dict(q=P(None, FE, "tensor", None), gate=P(None, "expert", "fsdp", "tensor"),
                        embed=P("tensor", FE), router=P(None, FE, None)),
-    "fsdp_tp_ep_cp": dict(q=P(None, FE, "tensor", None),
-                          gate=P(None, "expert", "fsdp", "tensor"),
-                          embed=P("tensor", FE), router=P(None, FE, None)),
+    "fsdp_tp_ep_cp": dict(q=P(None, FCE, "tensor", None), gate=P(None, "expert", FC, "tensor"),
+                          embed=P("tensor", FCE), router=P(None, FCE, None)),
 }
 BATCH = ("data", "fsdp", "expert")
 

@@ -1,0 +1,108 @@
+"""Prints the bytes per device a training run needs on a named TPU or GPU slice, and whether it fits.
+
+    python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh v5p-512 \\
+        --param_dtype bfloat16
+    python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh 8xH200 \\
+        --config.mesh.ici=fsdp=-1,expert=8 --config.mesh.rules=fsdp_ep
+
+The mesh (`config.mesh`), batch and sequence length (`config.data`), micro-batches and optimizer
+(`config.train`) are the run's; parameter and optimizer shapes come from `jax.eval_shape` of the
+real model and optimizer, their splits from the rule preset. Nothing is allocated or compiled.
+See `mimo_jax/parallel/memory.py` for what each row counts.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mimo_jax.config import DTYPES, model_config_from_dict
+from mimo_jax.parallel.config import MESH_AXES, mesh_config_from_dict
+from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
+                                          lock_config=False)
+_MESH = flags.DEFINE_string("mesh", None, "Slice name: v5p-512, 2xv5p-256, v6e-256, 8xH200, ...")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, list(DTYPES),
+                                 "Parameter (and gradient) dtype; default model.param_dtype.")
+_OPT_DTYPE = flags.DEFINE_enum("optimizer_dtype", "float32", list(DTYPES),
+                               "dtype of the optimizer moments.")
+
+
+def _gib(count: int) -> str:
+    return f"{count / GIB:8.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan, header: str) -> str:
+    """The table printed by the command."""
+    mesh = ", ".join(f"{a}={plan.axis_sizes[a]}" for a in MESH_AXES if plan.axis_sizes[a] > 1)
+    lines = [header,
+             f"slice {plan.slice.name}: {plan.slice.num_devices} devices x "
+             f"{plan.slice.hbm_bytes / GIB:.1f} GiB HBM; mesh {mesh or 'one device'}; "
+             f"rules {plan.rules}; {plan.tokens_per_device:,} tokens per device per micro-batch",
+             f"{'':26s}{'per device':>12s}"]
+    for row in plan.rows:
+        lines.append(f"{row.name:26s}{_gib(row.bytes)}   {row.detail}")
+    lines.append(f"{'total':26s}{_gib(plan.total)}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"{verdict}: {plan.total / plan.slice.hbm_bytes:.0%} of HBM "
+                 f"(limit {USABLE_FRACTION:.0%}, {_gib(plan.usable).strip()}, leaves room for "
+                 f"XLA temporaries)")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required (e.g. configs/mimo_v2_flash.py)")
+    if not _MESH.value:
+        raise app.UsageError("--mesh is required (e.g. v5p-512)")
+    model_config = model_config_from_dict(config.model)
+    mesh_config = mesh_config_from_dict(config.get("mesh"))
+    try:
+        slice_spec = parse_slice(_MESH.value)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
+    data = config.get("data")
+    if data is None:
+        raise app.UsageError("the config has no data section (batch_size, seq_len)")
+    train = config.get("train")
+    accum = int(train.get("grad_accum_steps", 1)) if train is not None else 1
+    optimizer_factory = None
+    if train is not None:
+        from mimo_jax.train.config import train_config_from_dict  # pylint: disable=import-outside-toplevel
+        from mimo_jax.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+        train_config = train_config_from_dict(train)
+        if train_config.compute_dtype:
+            from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
+            model_config = replace_model(model_config, dtype=train_config.compute_dtype)
+
+        def optimizer_factory(params):
+            return make_optimizer(train_config, params)
+
+    plan = plan_memory(model_config, mesh_config, slice_spec, batch_size=int(data.batch_size),
+                       seq_len=int(data.seq_len), grad_accum_steps=accum,
+                       param_dtype=_PARAM_DTYPE.value, optimizer_dtype=_OPT_DTYPE.value,
+                       optimizer_factory=optimizer_factory)
+    header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
+              f"micro-batch(es); compute {model_config.dtype}; MoE {model_config.moe_impl}"
+              + (f" (capacity factor {mesh_config.expert_capacity_factor:g})"
+                 if model_config.moe_impl == "expert_parallel" else ""))
+    print(format_plan(plan, header))
+    expert_axes = plan_expert_axes(mesh_config, plan.axis_sizes)
+    if expert_axes and model_config.moe_impl != "expert_parallel":
+        print(f"note: experts are split over {expert_axes} but model.moe_impl="
+              f"{model_config.moe_impl!r}; set --config.model.moe_impl=expert_parallel so tokens "
+              "travel to the experts instead of the compiler gathering every expert's weights")
+
+
+def plan_expert_axes(mesh_config, axis_sizes: dict[str, int]) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that the rules split the experts over."""
+    from mimo_jax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
+    spec = rules_lib.mesh_axes(("experts",), rules_lib.get_rules(mesh_config.rules))
+    return tuple(a for a in rules_lib.spec_axes(spec[0]) if axis_sizes[a] > 1)
+
+
+if __name__ == "__main__":
+    app.run(main)
