@@ -6,8 +6,13 @@ V value head dim (both padded to Hp/Vp, multiples of 128 lanes); bq/bk query/key
 Layout: heads before time, [B, N, Tp, Hp], so every block is a (rows, 128k) tile. The sliding
 window is a grid axis of `kv_steps` (or `q_steps`) entries whose index maps point at the key (query)
 blocks the window reaches; steps past the end of a short range repeat the last block index, which
-Pallas does not fetch again, and `pl.when` skips their compute. GQA: a query head's index map picks
-its KV head `n // G`; the dk/dv kernel loops over the G query heads of a KV head in its grid.
+Pallas does not fetch again, and `pl.when` skips their compute.
+
+GQA without repeating K/V: the forward and dq grids run over KV heads, and each step takes the G
+query heads of its KV head as one block of G along the head axis, stacked into a [G * bq, Hp] tile
+against one [bk, Hp] key tile (each K/V tile is fetched once per group, and the matmuls are G times
+taller than a single head's, which amortises the per-step cost). The dk/dv grid keeps one K/V block
+resident and takes the group's G heads side by side, [bk, G * bq], per query block it walks.
 
 Per-query values used down a tile's rows travel lane-broadcast ([.., Tp, 128]); those used along a
 tile's columns travel as rows ([.., 1, Tp], or sublane-broadcast [.., 8, Tp]): the layouts Mosaic
@@ -34,17 +39,14 @@ DEFAULT_BLOCK_K = 128
 
 def make_plan(seq_len: int, window: int | None, block_q: int | None,
               block_k: int | None) -> BlockPlan:
-    """Blocks of 128 rows by default; a short sequence is one block (a full-dimension block is
-    legal at any length)."""
-    short = max(SUBLANES, -(-seq_len // SUBLANES) * SUBLANES)
-    block_q = block_q or min(DEFAULT_BLOCK_Q, short)
-    block_k = block_k or min(DEFAULT_BLOCK_K, short)
-    plan = BlockPlan.make(seq_len, block_q, block_k, window)
+    """Blocks of 128 rows by default. Blocks are always whole multiples of 128, so a block's rows
+    (or, transposed, its columns) are whole lane tiles: a short sequence is padded to 128."""
+    block_q = block_q or DEFAULT_BLOCK_Q
+    block_k = block_k or DEFAULT_BLOCK_K
     for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size % LANES and size != plan.padded_len:
-            raise ValueError(f"TPU {name}={size} must be a multiple of {LANES} "
-                             f"(or cover the whole padded length {plan.padded_len})")
-    return plan
+        if size % LANES:
+            raise ValueError(f"TPU {name}={size} must be a multiple of {LANES}")
+    return BlockPlan.make(seq_len, block_q, block_k, window)
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -86,48 +88,69 @@ def _positions(shape, row_start, col_start):
     return rows, cols
 
 
+def _stack(x: jax.Array, group: int) -> jax.Array:
+    """[G, rows, D] -> [G * rows, D]: the group's heads as one tall tile (rows % 8 == 0)."""
+    return x.reshape(group * x.shape[1], x.shape[2])
+
+
+def _stacked_mask(plan: BlockPlan, group: int, i, j, q_seg_ref, k_seg_ref) -> jax.Array:
+    """The mask of a [G * bq, bk] tile whose rows are G copies of query block i's positions."""
+    bq, bk = plan.block_q, plan.block_k
+    shape = (group, bq, bk)
+    q_pos = _stack(i * bq + jax.lax.broadcasted_iota(jnp.int32, shape, 1), group)
+    k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (group * bq, bk), 1)
+    q_seg = k_seg = None
+    if q_seg_ref is not None:
+        # int32 copies are stacked, never masks: Mosaic reshapes 32-bit tiles freely.
+        q_seg = _stack(jnp.broadcast_to(q_seg_ref[...][None], (group, bq, LANES)), group)[:, :1]
+        k_seg = k_seg_ref[:1, :]
+    return common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
+
+
 class _QueryMajorMaps:
-    """Index maps of the grid (B, N, query block i, key step): forward and dq. The trailing
-    arguments (the forward's scalar-prefetched sinks) are ignored."""
+    """Index maps of the grid (B, K, query block i, key step): forward and dq. One step holds the
+    G query heads of KV head `kv_head` (a block of G along the head axis), so each K/V tile is
+    fetched once for the whole group. Trailing arguments (scalar-prefetched sinks) are ignored."""
 
-    def __init__(self, plan: BlockPlan, group: int):
-        self.plan, self.group = plan, group
+    def __init__(self, plan: BlockPlan):
+        self.plan = plan
 
-    def q_rows(self, b, n, i, step, *_):
-        return b, n, i, 0
+    def q_rows(self, b, kv_head, i, step, *_):
+        return b, kv_head, i, 0
 
-    def kv_rows(self, b, n, i, step, *_):
-        return b, jax.lax.div(n, self.group), self.plan.kv_block(i, step), 0
+    def kv_rows(self, b, kv_head, i, step, *_):
+        return b, kv_head, self.plan.kv_block(i, step), 0
 
-    def q_stats(self, b, n, i, step, *_):
-        return b, n, 0, i
+    def q_stats(self, b, kv_head, i, step, *_):
+        return b, kv_head, 0, i
 
-    def q_segments(self, b, n, i, step, *_):
+    def q_segments(self, b, kv_head, i, step, *_):
         return b, i, 0
 
-    def kv_segments(self, b, n, i, step, *_):
+    def kv_segments(self, b, kv_head, i, step, *_):
         return b, 0, self.plan.kv_block(i, step)
 
 
 class _KeyMajorMaps:
-    """Index maps of the grid (B, K, key block j, query head g of the group, query step): dk/dv."""
+    """Index maps of the grid (B, K, key block j, query step): dk/dv. A step takes the G query
+    heads of KV head `kv_head` for the query block the step points at."""
 
-    def __init__(self, plan: BlockPlan, group: int):
-        self.plan, self.group = plan, group
+    def __init__(self, plan: BlockPlan):
+        self.plan = plan
 
-    def q_rows(self, b, kv_head, j, g, step):
-        return b, kv_head * self.group + g, self.plan.q_block(j, step), 0
+    def q_rows(self, b, kv_head, j, step):
+        return b, kv_head, self.plan.q_block(j, step), 0
 
-    def kv_rows(self, b, kv_head, j, g, step):
+    def kv_rows(self, b, kv_head, j, step):
         return b, kv_head, j, 0
 
-    def q_stats(self, b, kv_head, j, g, step):
-        return b, kv_head * self.group + g, 0, self.plan.q_block(j, step)
+    def q_stats(self, b, kv_head, j, step):
+        return b, kv_head, 0, self.plan.q_block(j, step)
 
-    def q_segments(self, b, kv_head, j, g, step):
+    def q_segments(self, b, kv_head, j, step):
         return b, 0, self.plan.q_block(j, step)
 
-    def kv_segments(self, b, kv_head, j, g, step):
+    def kv_segments(self, b, kv_head, j, step):
         return b, j, 0
 
 
@@ -136,30 +159,29 @@ class _KeyMajorMaps:
 
 
 def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scale: float,
-                    has_segments: bool):
+                    has_segments: bool, group: int):
     if has_segments:
         q_seg_ref, k_seg_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
     else:
-        o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
-    n, i, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+        (o_ref, lse_ref, m_ref, l_ref, acc_ref), q_seg_ref, k_seg_ref = refs, None, None
+    kv_head, i, step = pl.program_id(1), pl.program_id(2), pl.program_id(3)
+    bq = plan.block_q
     lo, hi = plan.kv_range(i)
     j = lo + step
 
     @pl.when(step == 0)
     def _init():
-        m, l = common.initial_state(sinks_ref[n], m_ref.shape)
-        m_ref[...] = m
-        l_ref[...] = l
+        for g in range(group):  # each head's rows start from its own sink
+            m, l = common.initial_state(sinks_ref[kv_head * group + g], (bq, LANES))
+            m_ref[g * bq:(g + 1) * bq, :] = m
+            l_ref[g * bq:(g + 1) * bq, :] = l
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     @pl.when(j <= hi)
     def _visit():
-        q = q_ref[...]
-        logits = common.dot(q, k_ref[...], NT) * scale  # [bq, bk]
-        q_pos, k_pos = _positions(logits.shape, i * plan.block_q, j * plan.block_k)
-        q_seg = q_seg_ref[:, :1] if has_segments else None
-        k_seg = k_seg_ref[:1, :] if has_segments else None
-        mask = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
+        q = _stack(q_ref[...], group)  # [G * bq, Hp]
+        logits = common.dot(q, k_ref[...], NT) * scale  # [G * bq, bk]
+        mask = _stacked_mask(plan, group, i, j, q_seg_ref, k_seg_ref)
         p, alpha, m_next, l_next = common.online_softmax_step(logits, mask, m_ref[...], l_ref[...])
         v = v_ref[...]
         acc_ref[...] = acc_ref[...] * alpha[:, :1] + common.dot(p.astype(v.dtype), v, NN)
@@ -168,9 +190,11 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
 
     @pl.when(step == plan.kv_steps - 1)
     def _finish():
-        inv_l, lse = common.finish_rows(m_ref[...], l_ref[...])  # [bq, 128] each
-        o_ref[...] = (acc_ref[...] * inv_l[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = jnp.transpose(lse)[:1, :]  # the row layout the backward reads
+        inv_l, lse = common.finish_rows(m_ref[...], l_ref[...])  # [G * bq, 128] each
+        out = (acc_ref[...] * inv_l[:, :1]).astype(o_ref.dtype)
+        o_ref[...] = out.reshape(o_ref.shape)
+        for g in range(group):  # rows of the log-sum-exp: the layout the backward reads
+            lse_ref[g] = jnp.transpose(lse[g * bq:(g + 1) * bq])[:1, :]
 
 
 def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
@@ -187,8 +211,8 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
     seg_columns, seg_rows = _segment_layouts(segments, plan)
     has_segments = segments is not None
 
-    maps = _QueryMajorMaps(plan, group)
-    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+    maps = _QueryMajorMaps(plan)
+    in_specs = [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
                 pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
                 pl.BlockSpec((None, None, bk, vp), maps.kv_rows)]
     inputs = [qt, kt, vt]
@@ -196,20 +220,20 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
         in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
                      pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
         inputs += [seg_columns, seg_rows]
-    out_specs = [pl.BlockSpec((None, None, bq, vp), maps.q_rows),
-                 pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+    out_specs = [pl.BlockSpec((None, group, bq, vp), maps.q_rows),
+                 pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
     kernel = functools.partial(_forward_kernel, plan=plan, scale=h ** -0.5,
-                               has_segments=has_segments)
+                               has_segments=has_segments, group=group)
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(b, n, plan.num_q_blocks, plan.kv_steps),
+            grid=(b, num_kv, plan.num_q_blocks, plan.kv_steps),
             in_specs=in_specs,
             out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, LANES), jnp.float32),
-                            pltpu.VMEM((bq, vp), jnp.float32)],
+            scratch_shapes=[pltpu.VMEM((group * bq, LANES), jnp.float32),
+                            pltpu.VMEM((group * bq, LANES), jnp.float32),
+                            pltpu.VMEM((group * bq, vp), jnp.float32)],
         ),
         out_shape=[jax.ShapeDtypeStruct((b, n, plan.padded_len, vp), q.dtype),
                    jax.ShapeDtypeStruct((b, n, 1, plan.padded_len), jnp.float32)],
@@ -227,11 +251,11 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
-               scale: float, has_segments: bool):
+               scale: float, has_segments: bool, group: int):
     if has_segments:
         q_seg_ref, k_seg_ref, dq_ref, acc_ref = refs
     else:
-        dq_ref, acc_ref = refs
+        (dq_ref, acc_ref), q_seg_ref, k_seg_ref = refs, None, None
     i, step = pl.program_id(2), pl.program_id(3)
     lo, hi = plan.kv_range(i)
     j = lo + step
@@ -243,21 +267,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Blo
     @pl.when(j <= hi)
     def _visit():
         k = k_ref[...]
-        logits = common.dot(q_ref[...], k, NT) * scale  # [bq, bk]
-        q_pos, k_pos = _positions(logits.shape, i * plan.block_q, j * plan.block_k)
-        q_seg = q_seg_ref[:, :1] if has_segments else None
-        k_seg = k_seg_ref[:1, :] if has_segments else None
-        mask = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
-        lse = jnp.expand_dims(lse_ref[0], -1)  # [bq, 1]
-        delta = jnp.expand_dims(delta_ref[0], -1)
+        logits = common.dot(_stack(q_ref[...], group), k, NT) * scale  # [G * bq, bk]
+        mask = _stacked_mask(plan, group, i, j, q_seg_ref, k_seg_ref)
+        # Per-row statistics arrive as rows [G, 1, bq]; the tile wants a column [G * bq, 1].
+        lse = jnp.concatenate([jnp.expand_dims(lse_ref[g, 0], -1) for g in range(group)])
+        delta = jnp.concatenate([jnp.expand_dims(delta_ref[g, 0], -1) for g in range(group)])
         p = common.probabilities(logits, mask, lse)
-        dp = common.dot(do_ref[...], v_ref[...], NT)  # [bq, bk]
+        dp = common.dot(_stack(do_ref[...], group), v_ref[...], NT)  # [G * bq, bk]
         ds = p * (dp - delta)
         acc_ref[...] += common.dot(ds.astype(k.dtype), k, NN)
 
     @pl.when(step == plan.kv_steps - 1)
     def _finish():
-        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype).reshape(dq_ref.shape)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
@@ -266,32 +288,40 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
         k_seg_ref, q_seg_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
     else:
         dk_ref, dv_ref, dk_acc_ref, dv_acc_ref = refs
-    j, g, step = pl.program_id(2), pl.program_id(3), pl.program_id(4)
+    j, step = pl.program_id(2), pl.program_id(3)
+    bq, bk = plan.block_q, plan.block_k
     lo, hi = plan.q_range(j)
     i = lo + step
 
-    @pl.when((g == 0) & (step == 0))
+    @pl.when(step == 0)
     def _init():
         dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
         dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
 
     @pl.when(i <= hi)
     def _visit():
-        # Transposed tiles [bk, bq]: the per-query statistics then broadcast along rows.
-        q = q_ref[...]
-        do = do_ref[...]
-        logits_t = common.dot(k_ref[...], q, NT) * scale
-        k_pos, q_pos = _positions(logits_t.shape, j * plan.block_k, i * plan.block_q)
-        q_seg = q_seg_ref[:1, :] if has_segments else None
-        k_seg = k_seg_ref[:, :1] if has_segments else None
+        # Transposed tiles [bk, G * bq] (the group's heads side by side, 128-lane aligned): the
+        # per-query statistics then arrive as rows and broadcast down the tile.
+        q = _stack(q_ref[...], group)  # [G * bq, Hp]
+        do = _stack(do_ref[...], group)
+        logits_t = common.dot(k_ref[...], q, NT) * scale  # [bk, G * bq]
+        k_pos, q_pos = _positions((bk, bq), j * bk, i * bq)
+        q_pos = jnp.concatenate([q_pos] * group, axis=1)
+        k_pos = jnp.concatenate([k_pos] * group, axis=1)
+        q_seg = k_seg = None
+        if has_segments:
+            q_seg = jnp.concatenate([q_seg_ref[:1, :]] * group, axis=1)  # [1, G * bq]
+            k_seg = k_seg_ref[:, :1]
         mask_t = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
-        p_t = common.probabilities(logits_t, mask_t, lse_ref[...])  # lse row [1, bq]
+        lse = jnp.concatenate([lse_ref[g] for g in range(group)], axis=1)  # [1, G * bq]
+        delta = jnp.concatenate([delta_ref[g] for g in range(group)], axis=1)
+        p_t = common.probabilities(logits_t, mask_t, lse)
         dv_acc_ref[...] += common.dot(p_t.astype(do.dtype), do, NN)
-        dp_t = common.dot(v_ref[...], do, NT)  # [bk, bq]
-        ds_t = p_t * (dp_t - delta_ref[...])
+        dp_t = common.dot(v_ref[...], do, NT)  # [bk, G * bq]
+        ds_t = p_t * (dp_t - delta)
         dk_acc_ref[...] += common.dot(ds_t.astype(q.dtype), q, NN)
 
-    @pl.when((g == group - 1) & (step == plan.q_steps - 1))
+    @pl.when(step == plan.q_steps - 1)
     def _finish():
         dk_ref[...] = (dk_acc_ref[...] * scale).astype(dk_ref.dtype)
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
@@ -314,26 +344,26 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
     scale = h ** -0.5
     params = dict(plan=plan, scale=scale, has_segments=has_segments)
 
-    # dq: grid (B, N, query blocks, key steps).
-    maps = _QueryMajorMaps(plan, group)
-    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+    # dq: grid (B, K, query blocks, key steps), the group's G heads stacked in each step.
+    maps = _QueryMajorMaps(plan)
+    in_specs = [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
                 pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
                 pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
-                pl.BlockSpec((None, None, bq, vp), maps.q_rows),
-                pl.BlockSpec((None, None, 1, bq), maps.q_stats),
-                pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+                pl.BlockSpec((None, group, bq, vp), maps.q_rows),
+                pl.BlockSpec((None, group, 1, bq), maps.q_stats),
+                pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
     inputs = [qt, kt, vt, dout_t, *stat_rows]
     if has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
                      pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
         inputs += [seg_columns, seg_rows]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, **params),
-        grid=(b, n, plan.num_q_blocks, plan.kv_steps),
+        functools.partial(_dq_kernel, group=group, **params),
+        grid=(b, num_kv, plan.num_q_blocks, plan.kv_steps),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+        out_specs=pl.BlockSpec((None, group, bq, hp), maps.q_rows),
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, hp), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((group * bq, hp), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(plan, b, n, 4 * h + 2 * v_dim, qt, kt, vt, dout_t),
@@ -341,14 +371,14 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
         name="swa_flash_dq",
     )(*inputs)
 
-    # dk, dv: grid (B, K, key blocks, group, query steps); the last two accumulate.
-    maps = _KeyMajorMaps(plan, group)
-    in_specs = [pl.BlockSpec((None, None, bq, hp), maps.q_rows),
+    # dk, dv: grid (B, K, key blocks, query steps); the group's G heads side by side per step.
+    maps = _KeyMajorMaps(plan)
+    in_specs = [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
                 pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
                 pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
-                pl.BlockSpec((None, None, bq, vp), maps.q_rows),
-                pl.BlockSpec((None, None, 1, bq), maps.q_stats),
-                pl.BlockSpec((None, None, 1, bq), maps.q_stats)]
+                pl.BlockSpec((None, group, bq, vp), maps.q_rows),
+                pl.BlockSpec((None, group, 1, bq), maps.q_stats),
+                pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
     inputs = [qt, kt, vt, dout_t, *stat_rows]
     if has_segments:
         in_specs += [pl.BlockSpec((None, bk, LANES), maps.kv_segments),
@@ -356,7 +386,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
         inputs += [seg_columns, seg_rows]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, group=group, **params),
-        grid=(b, num_kv, plan.num_k_blocks, group, plan.q_steps),
+        grid=(b, num_kv, plan.num_k_blocks, plan.q_steps),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
                    pl.BlockSpec((None, None, bk, vp), maps.kv_rows)],
@@ -364,7 +394,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
                    jax.ShapeDtypeStruct(vt.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, hp), jnp.float32), pltpu.VMEM((bk, vp), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(plan, b, n, 4 * (h + v_dim), qt, kt, vt, dout_t),
         interpret=interpret,
         name="swa_flash_dkv",

@@ -182,7 +182,7 @@ def test_block_plan_visits_exactly_the_needed_blocks(t, bq, bk, window):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(backend="cuda"), "backend 'cuda'"),
     (dict(backend="tpu", block_q=64), "multiple of 128"),
-    (dict(backend="tpu", block_q=96), "must divide"),
+    (dict(backend="tpu", block_q=384, block_k=256), "must divide"),
     (dict(backend="gpu", block_k=48), "power of two"),
     (dict(window=0), "window must be >= 1"),
     (dict(sinks=jnp.zeros(2)), "sinks must have shape"),
