@@ -31,14 +31,14 @@ def _max(a, b):
     return max(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.maximum(a, b)
 
 
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
+
+
 def _select(condition, if_true, if_false):
     if isinstance(condition, bool):
         return if_true if condition else if_false
     return jnp.where(condition, if_true, if_false)
-
-
-def _min(a, b):
-    return min(a, b) if isinstance(a, int) and isinstance(b, int) else jnp.minimum(a, b)
 
 
 @dataclasses.dataclass(frozen=True)
