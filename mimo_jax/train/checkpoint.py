@@ -87,8 +87,8 @@ class Checkpointer:
                                   f"{type(err).__name__}: {err}") from err
         return restored.meta
 
-    def restore(self, step: int, abstract_state: Any, meta: dict[str, Any]) -> tuple[Any, Any]:
-        """(state, data_state) of `step`, after checking that it was written for this model."""
+    def check(self, step: int, meta: dict[str, Any]) -> None:
+        """Raises `CheckpointError` unless checkpoint `step` was written for this model/tokenizer."""
         saved = self.read_meta(step)
         where = self.directory / str(step)
         diff = architecture_mismatch(saved.get("architecture", {}), meta["architecture"])
@@ -100,13 +100,21 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} was trained with tokenizer "
                                   f"{saved.get('tokenizer')!r}, this run has "
                                   f"{meta.get('tokenizer')!r}")
+
+    def _restore(self, step: int, **items: Any) -> Any:
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except Exception as err:
-            raise CheckpointError(f"checkpoint {where} cannot be restored: "
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as err:  # orbax raises several types for damaged checkpoints
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be restored: "
                                   f"{type(err).__name__}: {err}") from err
-        return restored.state, restored.data
+
+    def restore_data_state(self, step: int) -> Any:
+        """The Grain iterator state saved with `step`."""
+        return self._restore(step, data=ocp.args.JsonRestore()).data
+
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """The train state of `step`, laid out as `abstract_state` (shapes, dtypes, shardings)."""
+        return self._restore(step, state=ocp.args.StandardRestore(abstract_state)).state
 
     def wait(self) -> None:
         """Blocks until every pending async save is on disk."""

@@ -3,11 +3,17 @@
 The router's `e_score_correction_bias` is state, not a trained weight: the optimizer gives it a zero
 update (so it takes no Adam moments, no weight decay and no part in the clipping norm) and the
 trainer moves it with the model's bias-update rule after each step.
+
+The optimizer returns unit-rate updates `-(adam + weight_decay * w)` (decoupled decay, as
+`optax.adamw`); the train step multiplies them by the learning rate, which it receives as an
+argument. The schedule is plain host arithmetic, so a new schedule or peak rate (an ablation, a
+resumed run with a longer horizon) reuses the compiled step.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import jax
 import optax
@@ -39,26 +45,40 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: _leaf_name(path) not in NO_DECAY_NAMES | {CORRECTION_BIAS}, params)
 
 
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warm-up to the peak, constant, then cosine to `end_learning_rate` at `steps`."""
+def learning_rate_schedule(config: TrainConfig) -> Callable[[int], float]:
+    """step (0-based) -> learning rate: linear warm-up to the peak, constant, cosine to the end.
+
+    Warm-up covers steps [0, W) and reaches the peak at step W - 1; the cosine runs from the peak
+    at step D to `end_learning_rate` at step `steps`.
+    """
     steps = config.steps
     warmup = int(round(config.warmup_fraction * steps))
     decay_start = max(int(round(config.decay_start_fraction * steps)), warmup)
     peak, end = config.learning_rate, config.end_learning_rate
-    # Start the warm-up one step in, so the first update is not a zero step.
-    pieces = [optax.linear_schedule(peak / max(warmup, 1), peak, max(warmup - 1, 1)),
-              optax.constant_schedule(peak),
-              optax.cosine_decay_schedule(peak, max(steps - decay_start, 1), alpha=end / peak)]
-    return optax.join_schedules(pieces, [warmup, decay_start])
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return peak * (step + 1) / warmup
+        if step < decay_start:
+            return peak
+        progress = min((step - decay_start) / max(steps - decay_start, 1), 1.0)
+        return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return schedule
 
 
 def make_optimizer(config: TrainConfig, params: Any) -> optax.GradientTransformation:
-    """The run's optimizer for a parameter tree shaped like `params`."""
+    """The run's optimizer (unit learning rate) for a parameter tree shaped like `params`."""
     adamw = optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps, weight_decay=config.weight_decay,
-                    mask=decay_mask),
+        optax.scale_by_adam(b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps),
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.scale(-1.0),
     )
     return optax.multi_transform({TRAINED: adamw, FROZEN: optax.set_to_zero()},
                                  param_labels(params))
+
+
+def scale_updates(updates: Any, learning_rate: jax.Array) -> Any:
+    """Unit-rate updates times the step's learning rate."""
+    return jax.tree.map(lambda u: (u * learning_rate).astype(u.dtype), updates)

@@ -1,9 +1,10 @@
 """The train and eval steps: pure functions of (state, batch), jitted with explicit shardings.
 
-train_step(state, batch) -> (state, metrics):
+train_step(state, batch, learning_rate) -> (state, metrics):
   1. split the batch into `grad_accum_steps` micro-batches and sum their gradients (a scan, so
      memory holds one micro-batch of activations);
-  2. one AdamW update (the correction biases get a zero update);
+  2. one AdamW update at `learning_rate` (a traced scalar, so the schedule never recompiles the
+     step; the correction biases get a zero update);
   3. the router-bias rule with the summed expert load;
   4. if the loss or the gradient norm is not finite, the whole update is dropped: the state keeps
      its parameters and optimizer state and only `step` advances. `metrics["finite"]` says so.
@@ -22,6 +23,7 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.train import losses
 from mimo_jax.train.config import TrainConfig
+from mimo_jax.train.optimizer import scale_updates
 from mimo_jax.train.router_bias import update_biases
 from mimo_jax.train.state import TrainState
 
@@ -37,8 +39,8 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
 
 
 def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
-                    optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[TrainState, Batch], tuple]:
+                    optimizer: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Batch, jax.Array], tuple]:
     """The un-jitted train step for this model and config."""
     num_heads = model_config.num_mtp_heads
     accum = train_config.grad_accum_steps
@@ -57,7 +59,8 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: Batch,
+                   learning_rate: jax.Array) -> tuple[TrainState, dict]:
         counts = losses.target_counts(batch["segment_ids"], num_heads)
         if accum == 1:
             (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts)
@@ -77,9 +80,9 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
             balance = balance / accum
         loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                         train_config.balance_loss_weight)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optax.apply_updates(state.params, scale_updates(updates, learning_rate))
         params = update_biases(params, load, train_config.bias_update_rate, model_config)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
@@ -89,9 +92,9 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
                                opt_state=jax.tree.map(keep, opt_state, state.opt_state),
                                rng=rng)
         metrics = dict(parts, loss=loss, grad_norm=grad_norm, finite=finite,
-                       learning_rate=schedule(state.step),
+                       learning_rate=learning_rate,
                        tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
-                       max_load_violation=_max_load_violation(load))
+                       expert_load=load, max_load_violation=_max_load_violation(load))
         return new_state, metrics
 
     return train_step

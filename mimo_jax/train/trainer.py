@@ -138,31 +138,71 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     if tokenizer is not None:
         log(f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids)")
 
+    checkpointer = Checkpointer(workdir, train_cfg)
+    meta = {"architecture": architecture(model_cfg),
+            "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None}
+    start = checkpointer.latest_step() or 0
+    data_state = None
+    if start:
+        checkpointer.check(start, meta)
+        data_state = checkpointer.restore_data_state(start)
+    batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
+                                              model_cfg.vocab_size, shard), data_state)
+    try:
+        # The first batch before any compilation: bad data fails in seconds.
+        batch = batches.next() if start < train_cfg.steps else None
+        setup = _Setup(configs, workdir, mesh, shard, tokenizer, eval_sources, checkpointer,
+                       meta, start, batches)
+        return _train(setup, batch, stop_requested, log)
+    finally:
+        batches.close()
+        checkpointer.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    """What `run` checked before any compilation."""
+
+    configs: RunConfigs
+    workdir: pathlib.Path
+    mesh: jax.sharding.Mesh
+    shard: pipeline.ProcessShard
+    tokenizer: Any
+    eval_sources: list
+    checkpointer: Checkpointer
+    meta: dict
+    start: int  # the step restored from (0 for a fresh run)
+    batches: _Batches
+
+
+def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
+           stop_requested: Callable[[], bool], log: Callable[[str], None]) -> RunResult:
+    """The part of `run` after the data and the checkpoint directory are known to be good."""
+    configs, workdir, mesh, shard = setup.configs, setup.workdir, setup.mesh, setup.shard
+    tokenizer, eval_sources, checkpointer = setup.tokenizer, setup.eval_sources, setup.checkpointer
+    meta, start, batches = setup.meta, setup.start, setup.batches
+    model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
+    is_first = jax.process_index() == 0
     model = MiMoV2Flash(model_cfg)
     params_shape = jax.eval_shape(lambda: init_state(model, optax.identity(), 0).params)
     optimizer = make_optimizer(train_cfg, params_shape)
     schedule = learning_rate_schedule(train_cfg)
     abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, train_cfg.seed))
     state_shardings = partition.state_shardings(abstract_state, mesh)
-
-    checkpointer = Checkpointer(workdir, train_cfg)
-    meta = {"architecture": architecture(model_cfg),
-            "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None}
-    start = checkpointer.latest_step() or 0
     if start:
-        state, data_state = checkpointer.restore(
-            start, _abstract_with_shardings(abstract_state, state_shardings), meta)
+        state = checkpointer.restore_state(
+            start, _abstract_with_shardings(abstract_state, state_shardings))
         log(f"resumed from {checkpointer.directory / str(start)}")
     else:
         state = jax.jit(lambda: init_state(model, optimizer, train_cfg.seed),
                         out_shardings=state_shardings)()
-        data_state = None
     num_params = sum(x.size for x in jax.tree.leaves(params_shape))
     log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
         f"tokens; {train_cfg.steps} steps on {mesh.size} device(s)")
 
-    train_step = jax.jit(make_train_step(model, model_cfg, train_cfg, optimizer, schedule),
-                         in_shardings=(state_shardings, partition.batch_sharding(mesh)),
+    train_step = jax.jit(make_train_step(model, model_cfg, train_cfg, optimizer),
+                         in_shardings=(state_shardings, partition.batch_sharding(mesh),
+                                       partition.replicated(mesh)),
                          out_shardings=(state_shardings, partition.replicated(mesh)),
                          donate_argnums=0)
     eval_step = jax.jit(make_eval_step(model, model_cfg),
@@ -191,8 +231,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     writer = MetricsWriter(workdir, start, train_cfg.tensorboard, is_writer=is_first)
     progress = Progress(train_cfg.progress, start, train_cfg.steps, train_cfg.log_every,
                         enabled=is_first)
-    batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
-                                              model_cfg.vocab_size, shard), data_state)
     last_saved = start or None
     result = RunResult(status="done", step=start, workdir=workdir, last_checkpoint=last_saved)
 
@@ -211,11 +249,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 result.first_eval_loss = first["loss"]
                 progress.message(f"step 0: eval loss {first['loss']:.4f}")
         step = start
-        batch = batches.next() if step < train_cfg.steps else None
         consecutive_bad = 0
         timer_start, timer_tokens = None, 0
         while step < train_cfg.steps:
-            state, metrics = train_step(state, partition.global_batch(batch, mesh))
+            state, metrics = train_step(state, partition.global_batch(batch, mesh),
+                                        np.float32(schedule(step)))
             data_state_now = batches.state_after_last
             step += 1
             try:
@@ -233,11 +271,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             else:
                 timer_tokens += int(values["tokens"])
                 speed = timer_tokens / max(now - timer_start, 1e-9)
-            if bool(values["finite"]):
-                consecutive_bad = 0
-            else:
-                consecutive_bad += 1
-                result.skipped_steps += 1
+            finite = bool(values["finite"])
+            consecutive_bad = 0 if finite else consecutive_bad + 1
+            result.skipped_steps += not finite
+            record = {k: values[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm",
+                                             "learning_rate", "max_load_violation")}
+            record.update(tokens_per_sec=speed, skipped=not finite)
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps or not finite:
+                writer.write(step, "train", record)
+            progress.update(step, float(values["loss"]), speed)
+            result.step = step
+            if not finite:
                 progress.message(f"step {step}: non-finite loss {float(values['loss'])} or "
                                  f"gradient norm {float(values['grad_norm'])}; update skipped "
                                  f"({consecutive_bad} in a row)")
@@ -248,15 +292,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                         f"{consecutive_bad} non-finite steps in a row (up to step {step}); "
                         f"stopped without saving. Last good checkpoint: "
                         f"{'none' if kept is None else checkpointer.directory / str(kept)}")
-            record = {k: values[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm",
-                                             "learning_rate", "max_load_violation")}
-            record.update(tokens_per_sec=speed, skipped=not bool(values["finite"]))
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps or (
-                    not bool(values["finite"])):
-                writer.write(step, "train", record)
-            progress.update(step, float(values["loss"]), speed)
-            result.step = step
-            if step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps:
+            # No periodic save inside a run of skipped steps: the newest checkpoint stays the
+            # last one written after a finite step.
+            if consecutive_bad == 0 and (step % train_cfg.checkpoint_every == 0
+                                         or step == train_cfg.steps):
                 save(step, data_state_now, state)
             if stop_requested():
                 save(step, data_state_now, state)
@@ -286,8 +325,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     finally:
         progress.close()
         writer.close()
-        batches.close()
-        checkpointer.close()
     if train_cfg.plot and is_first:
         from mimo_jax.train.plotting import plot_metrics  # pylint: disable=import-outside-toplevel
         try:
