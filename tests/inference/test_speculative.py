@@ -65,6 +65,22 @@ def test_greedy_speculative_equals_plain_greedy(decode_model, random_params, pro
         assert 1.0 < acceptance < 2.0  # random heads: mostly rejected, sometimes right
 
 
+def test_speculative_stop_tokens_cut_inside_a_step(decode_model, random_params, prompts):
+    """A stop token among a step's accepted drafts ends the row right there, as in plain
+    decoding; the other rows go on."""
+    model, _ = decode_model
+    params = _successor_params(model, random_params, wrong_tokens=())
+    tokens, lengths = prompts(LENGTHS, model.config.vocab_size, seed=1)
+    stop = (int(tokens[1, LENGTHS[1] - 1]) + 6) % 64  # row 1's 6th new token
+    kwargs = dict(max_new_tokens=NEW_TOKENS, prefill_chunk=8, stop_tokens=(stop,))
+    plain = generate(model, params, tokens, lengths, **kwargs)
+    spec = speculative_generate(model, params, tokens, lengths, num_draft=3, **kwargs)
+    assert len(plain.generated(1)) == 6 and plain.generated(1)[-1] == stop
+    for row in range(len(LENGTHS)):
+        assert spec.generated(row) == plain.generated(row)
+    np.testing.assert_array_equal(spec.num_generated, plain.num_generated)
+
+
 def _exact_distribution(model, params, prompt, sampling, new_tokens):
     """p(t_1 .. t_n | prompt) for every sequence of n tokens, by running the full forward on all
     of them. Returns [V] * n probabilities."""

@@ -1,0 +1,194 @@
+r"""Decoding speed and memory: plain vs MTP self-speculative decoding, and the hybrid KV cache.
+
+Prints two tables:
+  1. tokens/s of plain greedy decoding vs speculative decoding with k = 1..M drafts on a trained
+     checkpoint, the mean acceptance length (tokens per main-model pass) and the speedup, with a
+     check that the speculative output equals the plain output token for token;
+  2. KV-cache bytes of the full config at 4k / 32k / 256k context, hybrid (SWA rings + GA) vs
+     every layer global, computed from the cache's real shapes (jax.eval_shape, nothing allocated).
+
+A checkpoint the heads can predict well comes from text with a lot of structure, e.g. the
+generated repetitive code that `--write_corpus` produces:
+
+    python benchmarks/decode.py --write_corpus /tmp/rep_code
+    python -m mimo_jax.train.pretrain --config configs/tiny.py --workdir /tmp/mimo_mtp3 \
+        --config.model.num_mtp_heads=3 --config.data.train_sources=text:/tmp/rep_code/train \
+        --config.data.eval_sources=text:/tmp/rep_code/eval
+    python benchmarks/decode.py --checkpoint /tmp/mimo_mtp3 --prompts /tmp/rep_code/eval
+
+Without --checkpoint only the KV-cache table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import random
+import statistics
+import sys
+import time
+
+_WORDS = ("user", "name", "count", "total", "index", "value", "price", "order", "item", "size",
+          "level", "score", "label", "owner", "state", "queue", "buffer", "limit", "offset",
+          "weight", "height", "width", "color", "token", "record", "path", "mode", "flag", "rate",
+          "delay", "retry", "stamp", "group", "field", "entry", "cache", "node", "edge", "port",
+          "host")
+_TYPES = ("int", "str", "float", "bool", "bytes", "list", "dict")
+
+
+def _identifier(rng: random.Random, parts: int) -> str:
+    return "_".join(rng.choice(_WORDS) for _ in range(parts))
+
+
+def _class_source(rng: random.Random) -> str:
+    """One generated Python class: fields, __init__, getters/setters, to_dict, __repr__."""
+    name = "".join(w.capitalize() for w in _identifier(rng, 2).split("_"))
+    fields = list(dict.fromkeys(_identifier(rng, rng.randint(1, 2))
+                                for _ in range(rng.randint(3, 6))))
+    types = {f: rng.choice(_TYPES) for f in fields}
+    args = ", ".join(f"{f}: {types[f]}" for f in fields)
+    lines = [f"class {name}:", f'    """A {name} record."""', "",
+             f"    def __init__(self, {args}):"]
+    lines += [f"        self._{f} = {f}" for f in fields]
+    for f in fields:
+        lines += ["", f"    def get_{f}(self) -> {types[f]}:", f"        return self._{f}", "",
+                  f"    def set_{f}(self, value: {types[f]}) -> None:",
+                  f"        self._{f} = value"]
+    lines += ["", "    def to_dict(self) -> dict:", "        return {"]
+    lines += [f'            "{f}": self._{f},' for f in fields]
+    lines += ["        }", "", "    def __repr__(self) -> str:",
+              f'        return f"{name}(' + ", ".join(f"{f}={{self._{f}!r}}" for f in fields)
+              + ')"', ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_corpus(directory: pathlib.Path, train_files: int = 3000, eval_files: int = 100) -> None:
+    """Writes `train/` and `eval/` text files of generated classes (a different seed each)."""
+    for split, count, seed in (("train", train_files, 0), ("eval", eval_files, 1)):
+        rng = random.Random(seed)
+        out = directory / split
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            text = "\n\n".join(_class_source(rng) for _ in range(rng.randint(1, 3)))
+            (out / f"module_{i:05d}.py.txt").write_text(text)
+    print(f"wrote {train_files} train and {eval_files} eval files under {directory}")
+
+
+def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[str]:
+    """Markdown rows: KV-cache bytes of configs/mimo_v2_flash.py, hybrid vs all-global."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+
+    from configs import mimo_v2_flash  # pylint: disable=import-outside-toplevel
+    from mimo_jax.config import GA, model_config_from_dict  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
+
+    config = model_config_from_dict(mimo_v2_flash.get_config().model)
+    all_global = dataclasses.replace(config, layer_types=(GA,) * config.num_layers).validate()
+    rows = ["| context | hybrid (39 SWA rings of 129 + 9 GA) | all-global (48 GA) | hybrid / all-global "
+            "| MTP head ring |",
+            "|---|---|---|---|---|"]
+    for context in contexts:
+        hybrid = kv_cache.cache_bytes(kv_cache.cache_shapes(config, 1, context,
+                                                            num_mtp_heads=0))
+        full = kv_cache.cache_bytes(kv_cache.cache_shapes(all_global, 1, context,
+                                                          num_mtp_heads=0))
+        mtp = kv_cache.cache_bytes(kv_cache.cache_shapes(config, 1, context)["mtp"])
+        rows.append(f"| {context // 1024}k | {_gib(hybrid)} | {_gib(full)} | "
+                    f"{hybrid / full:.4f} | {_gib(mtp)} |")
+    return rows
+
+
+def _gib(num_bytes: int) -> str:
+    if num_bytes >= 2 ** 30:
+        return f"{num_bytes / 2 ** 30:.2f} GiB"
+    return f"{num_bytes / 2 ** 20:.1f} MiB"
+
+
+def _load_prompts(path: pathlib.Path | None, tokenizer, count: int, length: int):
+    """`count` prompts of `length` tokens: file starts from `path` (a directory), else a fixed
+    snippet repeated."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    texts = []
+    if path is not None:
+        texts = [p.read_text() for p in sorted(path.iterdir()) if p.is_file()][:count]
+    while len(texts) < count:
+        texts.append(_class_source(random.Random(len(texts) + 100)))
+    ids = [tokenizer.encode(t)[:length] for t in texts]
+    short = [len(i) for i in ids if len(i) < length]
+    if short:
+        raise SystemExit(f"error: a prompt file has only {short[0]} tokens (< --prompt_len)")
+    return np.stack(ids).astype(np.int32)
+
+
+def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len: int,
+                new_tokens: int, repeats: int) -> list[str]:
+    """Markdown rows: plain vs speculative greedy decoding of `new_tokens` tokens."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from mimo_jax.generate import load_checkpoint  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
+
+    model, params, tokenizer = load_checkpoint(checkpoint)
+    prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
+                            batch, prompt_len)
+    lengths = np.full((batch,), prompt_len, np.int32)
+
+    def timed(fn):
+        out = fn()  # compiles
+        jax.block_until_ready(out.tokens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            jax.block_until_ready(out.tokens)
+            times.append(time.perf_counter() - start)
+        return out, statistics.median(times)
+
+    plain, plain_time = timed(lambda: generate(model, params, prompts, lengths,
+                                               max_new_tokens=new_tokens))
+    generated = int(np.sum(plain.num_generated))
+    base = generated / plain_time
+    rows = [f"| decoding | tokens/s | acceptance length | speedup | same tokens as plain |",
+            "|---|---|---|---|---|",
+            f"| plain greedy | {base:.1f} | 1.00 | 1.00x | - |"]
+    for k in range(1, model.config.num_mtp_heads + 1):
+        spec, spec_time = timed(lambda k=k: speculative_generate(
+            model, params, prompts, lengths, max_new_tokens=new_tokens, num_draft=k))
+        same = all(spec.generated(b) == plain.generated(b) for b in range(batch))
+        speed = int(np.sum(spec.num_generated)) / spec_time
+        rows.append(f"| speculative, k={k} | {speed:.1f} | {spec.acceptance_length():.2f} | "
+                    f"{speed / base:.2f}x | {'yes' if same else 'NO'} |")
+    sample = tokenizer.decode(plain.generated(0)[:60])
+    rows.append("")
+    rows.append(f"batch {batch}, prompt {prompt_len} tokens, {new_tokens} new tokens per row, "
+                f"median of {repeats} runs after a compile run, backend {jax.default_backend()}")
+    rows.append("first row's continuation: " + repr(sample))
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write_corpus", help="write the generated repetitive-code corpus here "
+                                               "and exit")
+    parser.add_argument("--checkpoint", help="a training workdir or its params export")
+    parser.add_argument("--prompts", help="directory of text files whose starts are the prompts")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt_len", type=int, default=32)
+    parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.write_corpus:
+        write_corpus(pathlib.Path(args.write_corpus))
+        return
+    if args.checkpoint:
+        print("\n".join(speed_table(args.checkpoint, args.prompts, args.batch, args.prompt_len,
+                                    args.new_tokens, args.repeats)))
+        print()
+    print("\n".join(kv_cache_table()))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    main(sys.argv[1:])

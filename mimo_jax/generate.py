@@ -1,0 +1,166 @@
+r"""Generates text from a trained checkpoint, streaming it as it is decoded.
+
+    python -m mimo_jax.generate --checkpoint /tmp/mimo_tiny --prompt "def main():"
+    python -m mimo_jax.generate --checkpoint /tmp/mimo_tiny --prompt "class A:" --speculative
+    python -m mimo_jax.generate --hf /path/to/hf_dir --prompt "Hello" --temperature 0.8 --top_p 0.95
+
+`--checkpoint` takes a pretraining workdir (its `export/` params export is read) or the export
+directory itself; `--hf` a Hugging Face directory (config.json, safetensors, tokenizer.json).
+At the end it prints the decode speed in tokens/s (from the first generated token to the last, so
+compilation and prefill are not counted) and, with `--speculative`, the mean acceptance length:
+tokens per main-model pass, 1 + accepted drafts.
+A bad path or argument ends with one line `error: ...` and exit status 1.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretraining workdir or its params export.")
+_HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory with tokenizer.json.")
+_PROMPT = flags.DEFINE_string("prompt", None, "The text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Most tokens to generate.")
+_SPECULATIVE = flags.DEFINE_boolean("speculative", False,
+                                    "Draft with the MTP heads, verify with the main model.")
+_NUM_DRAFT = flags.DEFINE_integer("num_draft", 0, "Drafts per step (0 = every MTP head).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
+
+
+class CheckpointNotFound(ValueError):
+    """A checkpoint path that holds no usable model; the message says what was looked for."""
+
+
+def load_checkpoint(path: str) -> tuple[Any, Any, Any]:
+    """(model, params, tokenizer) of a pretraining workdir or its `export/` directory."""
+    from mimo_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+    from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.checkpoint import (  # pylint: disable=import-outside-toplevel
+        EXPORT_DIR, load_exported)
+
+    directory = pathlib.Path(path)
+    for candidate in (directory, directory / EXPORT_DIR):
+        if (candidate / "model_config.json").is_file():
+            config, params = load_exported(candidate)
+            tokenizer_dir = candidate if (candidate / "tokenizer.json").is_file() else directory
+            return MiMoV2Flash(config), params, load_tokenizer(tokenizer_dir)
+    raise CheckpointNotFound(
+        f"--checkpoint {path!r} has no params export (looked for model_config.json in it and in "
+        f"{EXPORT_DIR}/); train with --config.train.export_params=True")
+
+
+def load_hf(path: str, **overrides: Any) -> tuple[Any, Any, Any]:
+    """(model, params, tokenizer) of a Hugging Face checkpoint directory."""
+    from mimo_jax.convert import hf  # pylint: disable=import-outside-toplevel
+    from mimo_jax.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+    model, params = hf.load(path, **overrides)
+    return model, params, load_tokenizer(path)
+
+
+class _Streamer:
+    """Prints row 0's new tokens as they arrive, decoding the whole text so far each time (so that
+    multi-byte characters split across tokens print correctly), and notes when they arrive."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+        self.first_time: float | None = None
+        self.first_count = 0
+
+    def __call__(self, tokens, counts) -> None:
+        if self.first_time is None:
+            self.first_time, self.first_count = time.perf_counter(), int(counts[0])
+        self.ids.extend(int(t) for t in tokens[0, :int(counts[0])])
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+
+def run(model, params, tokenizer, prompt: str, *, max_new_tokens: int, speculative: bool,
+        num_draft: int, sampling, seed: int) -> dict[str, float]:
+    """Generates with streaming; returns the measured figures.
+
+    Decode speed counts the tokens after the first one (which the prefill produces) over the time
+    from its arrival to the end, so compilation and prefill are not in it.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
+
+    ids = tokenizer.encode(prompt)
+    if ids.size == 0:
+        raise ValueError(f"--prompt {prompt!r} encodes to no tokens; give some text")
+    prompts, lengths = ids[None].astype(np.int32), np.asarray([ids.size], np.int32)
+    stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, rng=jax.random.key(seed),
+                  stop_tokens=stops)
+    if speculative:
+        kwargs["num_draft"] = num_draft or None
+    fn = speculative_generate if speculative else generate
+    streamer = _Streamer(tokenizer)
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    start = time.perf_counter()
+    out = fn(model, params, prompts, lengths, stream=streamer, **kwargs)
+    jax.block_until_ready(out.tokens)
+    jax.effects_barrier()  # every streamed callback has run
+    end = time.perf_counter()
+    sys.stdout.write(tokenizer.decode(out.generated(0))[len(streamer.printed):] + "\n")
+    generated = int(out.num_generated[0])
+    first = streamer.first_time or end
+    return {"tokens": generated, "first_token_s": first - start,
+            "tokens_per_s": (generated - streamer.first_count) / max(end - first, 1e-9),
+            "acceptance": out.acceptance_length()}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if bool(_CHECKPOINT.value) == bool(_HF.value):
+        sys.exit("error: give exactly one of --checkpoint DIR and --hf DIR")
+    if _PROMPT.value is None:
+        sys.exit("error: --prompt is required")
+    from mimo_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
+    from mimo_jax.convert.errors import CheckpointError as HFError  # pylint: disable=import-outside-toplevel
+    from mimo_jax.data.errors import DataError  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
+    try:
+        sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+        overrides = {"dtype": _DTYPE.value} if _DTYPE.value else {}
+        if _CHECKPOINT.value:
+            model, params, tokenizer = load_checkpoint(_CHECKPOINT.value)
+            if overrides:
+                from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
+                from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
+                model = MiMoV2Flash(replace_model(model.config, **overrides))
+        else:
+            model, params, tokenizer = load_hf(_HF.value, **overrides)
+        figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+                      speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value,
+                      sampling=sampling, seed=_SEED.value)
+    except (CheckpointNotFound, CheckpointError, HFError, ConfigError, DataError,
+            ValueError) as err:
+        sys.exit(f"error: {err}")
+    line = (f"{figures['tokens']} tokens; first after {figures['first_token_s']:.2f} s "
+            f"(compilation and prefill), then {figures['tokens_per_s']:.1f} tokens/s")
+    if _SPECULATIVE.value:
+        line += f", mean acceptance length {figures['acceptance']:.2f}"
+    print(line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)

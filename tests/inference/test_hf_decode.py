@@ -1,0 +1,97 @@
+"""Cached decoding against transformers' `MiMoV2FlashForCausalLM` with its own KV cache.
+
+A tiny random torch model is saved with `save_pretrained` and read with `mimo_jax.convert.hf.load`.
+Both sides prefill a prompt and then decode token by token (and once a 3-token chunk) with their
+caches, well past several sliding windows; every step's logits must agree to 1e-4 in float32.
+Our side decodes both prompts in one right-padded batch; transformers runs each alone.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+
+from mimo_jax.convert import hf
+from mimo_jax.inference import cache as kv_cache
+from mimo_jax.inference import decode
+
+VOCAB = 96
+WINDOW = 9
+PROMPTS = [11, 4]  # prompt lengths
+CHUNKS = [1] * 12 + [3] + [1] * 20  # tokens fed per step after the prompt
+TOL = 1e-4
+
+
+def _reference(tmp_path):
+    config = MiMoV2FlashConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=48, v_head_dim=32,
+        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
+        sliding_window=WINDOW, max_position_embeddings=256, initializer_range=0.08,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 50_000.0,
+                               "partial_rotary_factor": 0.334},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0,
+                                  "partial_rotary_factor": 0.334}})
+    config._attn_implementation = "eager"  # the sink-aware attention
+    torch.manual_seed(0)
+    model = MiMoV2FlashForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.normal_(0.0, 1.0)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0.0, 0.05)
+    model.save_pretrained(str(tmp_path))
+    return model
+
+
+def _reference_logits(model, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
+    """transformers with its cache: the prompt, then CHUNKS. Logits of every fed token [T, V]."""
+    out, start, cache = [], 0, None
+    with torch.no_grad():
+        for size in [prompt] + CHUNKS:
+            ids = torch.tensor(tokens[None, start:start + size], dtype=torch.long)
+            result = model(input_ids=ids, cache=cache, use_cache=True)
+            cache = result.cache
+            out.append(result.logits[0].numpy())
+            start += size
+    return out
+
+
+def test_cached_decoding_logits_match_transformers(tmp_path):
+    torch_model = _reference(tmp_path)
+    model, params = hf.load(str(tmp_path))
+    assert model.config.sliding.sliding_window == WINDOW
+    total = max(PROMPTS) + sum(CHUNKS)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, VOCAB, (len(PROMPTS), total + 2)).astype(np.int32)
+    lengths = np.asarray(PROMPTS, np.int32)
+    width = max(PROMPTS)
+    cache = kv_cache.init_cache(model.config, len(PROMPTS), total, num_mtp_heads=0)
+    last, _, cache = jax.jit(lambda p, t, n, c: decode.prefill(model, p, t, n, c, chunk_size=4))(
+        params, jnp.asarray(tokens[:, :width]), jnp.asarray(lengths), cache)
+    step = jax.jit(lambda p, t, pos, c: decode.model_decode(model, p, t, pos, c))
+    ours = [[np.asarray(last[b])[None]] for b in range(len(PROMPTS))]
+    frontier = lengths.copy()
+    decoder_cache = cache["decoder"]
+    for size in CHUNKS:
+        positions = frontier[:, None] + np.arange(3)
+        chunk = np.take_along_axis(tokens, positions, 1)
+        positions = np.where(np.arange(3) < size, positions, -1)  # every step 3 wide, padded
+        logits, _, decoder_cache = step(params, jnp.asarray(chunk),
+                                        jnp.asarray(positions, jnp.int32), decoder_cache)
+        for b in range(len(PROMPTS)):
+            ours[b].append(np.asarray(logits[b, :size]))
+        frontier += size
+    for b, prompt in enumerate(PROMPTS):
+        reference = _reference_logits(torch_model, tokens[b], prompt)
+        assert np.abs(reference[-1]).max() > 0.3  # not a comparison between near-zeros
+        np.testing.assert_allclose(ours[b][0], reference[0][-1:], atol=TOL, rtol=0)
+        for step_index, (got, want) in enumerate(zip(ours[b][1:], reference[1:])):
+            np.testing.assert_allclose(got, want, atol=TOL, rtol=0,
+                                       err_msg=f"row {b}, step {step_index}")
