@@ -13,16 +13,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from mimo_jax.config import ModelConfig, model_config_from_dict
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
-                                          lock_config=True)
-
+_FLAGS = flags.FLAGS
 
 @dataclasses.dataclass
 class Row:
@@ -100,11 +98,15 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv):
     del argv
-    if _CONFIG.value is None:
+    run_config = _FLAGS.config
+    if run_config is None:
         raise app.UsageError("--config is required, e.g. --config configs/mimo_v2_flash.py")
-    config = model_config_from_dict(_CONFIG.value.model)
-    print(format_table(count_parameters(config)))
+    print(format_table(count_parameters(model_config_from_dict(run_config.model))))
 
 
 if __name__ == "__main__":
+    # Flags are defined only when run as a program, so importing this module (tests, notebooks,
+    # other entry points) never collides with another module's --config.
+    config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
+                                    lock_config=True)
     app.run(main)
