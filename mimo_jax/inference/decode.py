@@ -17,18 +17,28 @@ from mimo_jax.model.transformer import MiMoV2Flash
 
 
 def model_decode(model: MiMoV2Flash, params: Any, tokens: jax.Array, positions: jax.Array,
-                 cache: dict) -> tuple[jax.Array, jax.Array, dict]:
-    """The main model over a chunk with its decoder cache: (logits [B, C, V], hidden [B, C, D],
-    new decoder cache)."""
+                 cache: dict) -> tuple[jax.Array, dict]:
+    """The main model over a chunk with its decoder cache: (hidden [B, C, D], new cache)."""
     return model.apply({"params": params}, tokens, positions, cache, method=MiMoV2Flash.decode)
+
+
+def logits(model: MiMoV2Flash, params: Any, hidden: jax.Array) -> jax.Array:
+    """Main-model logits [B, C, V] float32 of hidden states [B, C, D] (only the rows needed:
+    the LM head is a large share of a small model's decode step)."""
+    return model.apply({"params": params}, hidden, method=MiMoV2Flash.logits)
 
 
 def mtp_decode(model: MiMoV2Flash, params: Any, head: int, previous_hidden: jax.Array,
                next_tokens: jax.Array, positions: jax.Array,
                cache: Any) -> tuple[jax.Array, jax.Array, Any]:
-    """MTP head `head` over a chunk: (hidden [B, C, D], logits [B, C, V], new head cache)."""
+    """MTP head `head` over a chunk: (hidden [B, C, D], normed output [B, C, D], new cache)."""
     return model.apply({"params": params}, head, previous_hidden, next_tokens, positions, cache,
                        method=MiMoV2Flash.mtp_decode)
+
+
+def mtp_logits(model: MiMoV2Flash, params: Any, normed: jax.Array) -> jax.Array:
+    """Logits [B, C, V] float32 of MTP-head outputs [B, C, D] (the shared LM head)."""
+    return model.apply({"params": params}, normed, method=MiMoV2Flash.mtp_logits)
 
 
 def gather_rows(x: jax.Array, starts: jax.Array, length: int) -> jax.Array:
@@ -88,35 +98,36 @@ def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Arr
     # One more column of padding so MTP heads may read the token after the last chunk.
     tokens = jnp.pad(tokens, ((0, 0), (0, padded - t + mtp_heads)))
     cfg = model.config
-    hidden_all = (jnp.zeros((b, padded, cfg.hidden_size), jnp.dtype(cfg.dtype)) if keep_hidden
-                  else None)
-    last_logits = jnp.zeros((b, cfg.vocab_size), jnp.float32)
+    dtype = jnp.dtype(cfg.dtype)
+    hidden_all = jnp.zeros((b, padded, cfg.hidden_size), dtype) if keep_hidden else None
+    last_hidden = jnp.zeros((b, cfg.hidden_size), dtype)
 
     def body(c, carry):
-        cache, last_logits, hidden_all = carry
+        cache, last_hidden, hidden_all = carry
         start = c * chunk
         columns = start + jnp.arange(chunk)
         positions = jnp.where(columns[None] < lengths[:, None], columns[None], -1)
         chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-        logits, hidden, decoder_cache = model_decode(model, params, chunk_tokens, positions,
-                                                     cache["decoder"])
+        hidden, decoder_cache = model_decode(model, params, chunk_tokens, positions,
+                                             cache["decoder"])
         last = lengths - 1 - start
         in_chunk = (last >= 0) & (last < chunk)
-        row_logits = jnp.take_along_axis(logits, jnp.clip(last, 0, chunk - 1)[:, None, None],
-                                         axis=1)[:, 0]
-        last_logits = jnp.where(in_chunk[:, None], row_logits, last_logits)
+        row = jnp.take_along_axis(hidden, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
+        last_hidden = jnp.where(in_chunk[:, None], row[:, 0].astype(dtype), last_hidden)
         mtp_caches = list(cache["mtp"])
         previous = hidden
         mtp_positions = jnp.where(columns[None] < lengths[:, None] - mtp_heads, columns[None], -1)
         for head in range(mtp_heads):
             next_tokens = jax.lax.dynamic_slice_in_dim(tokens, start + head + 1, chunk, axis=1)
-            previous, _, mtp_caches[head] = mtp_decode(model, params, head, previous, next_tokens,
-                                                       mtp_positions, mtp_caches[head])
+            previous, _, mtp_caches[head] = mtp_decode(model, params, head, previous,
+                                                       next_tokens, mtp_positions,
+                                                       mtp_caches[head])
         if keep_hidden:
             hidden_all = jax.lax.dynamic_update_slice_in_dim(
                 hidden_all, hidden.astype(hidden_all.dtype), start, axis=1)
-        return {"decoder": decoder_cache, "mtp": mtp_caches}, last_logits, hidden_all
+        return {"decoder": decoder_cache, "mtp": mtp_caches}, last_hidden, hidden_all
 
-    cache, last_logits, hidden_all = jax.lax.fori_loop(
-        0, num_chunks, body, (cache, last_logits, hidden_all))
+    cache, last_hidden, hidden_all = jax.lax.fori_loop(
+        0, num_chunks, body, (cache, last_hidden, hidden_all))
+    last_logits = logits(model, params, last_hidden[:, None])[:, 0]
     return last_logits, (hidden_all[:, :t] if keep_hidden else None), cache

@@ -124,8 +124,9 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
         rng, step_rng = jax.random.split(state.rng)
         current = decode.gather_rows(state.tokens, state.frontier, 1)
         positions = jnp.where(state.done, -1, state.frontier)[:, None]
-        logits, _, decoder_cache = decode.model_decode(model, params, current, positions,
-                                                       state.cache["decoder"])
+        hidden, decoder_cache = decode.model_decode(model, params, current, positions,
+                                                    state.cache["decoder"])
+        logits = decode.logits(model, params, hidden)
         new = sample(step_rng, logits[:, 0], sampling)[:, None]
         active = ~state.done
         count, done = commit_count(new, jnp.ones((b,), jnp.int32), state.generated, state.done,

@@ -74,10 +74,11 @@ def _draft(model: MiMoV2Flash, params: Any, tokens: jax.Array, hidden: jax.Array
     previous, caches, probs = hidden, [], []
     for head, head_rng in zip(range(num_draft), jax.random.split(rng, num_draft)):
         next_tokens = decode.gather_rows(tokens, start + head + 1, c)
-        previous, logits, head_cache = decode.mtp_decode(model, params, head, previous,
+        previous, normed, head_cache = decode.mtp_decode(model, params, head, previous,
                                                          next_tokens, positions,
                                                          mtp_caches[head])
-        logits = jnp.take_along_axis(logits, out_row, axis=1)[:, 0]  # [B, V]
+        normed = jnp.take_along_axis(normed, out_row, axis=1)  # [B, 1, D]
+        logits = decode.mtp_logits(model, params, normed)[:, 0]  # [B, V]
         draft = sample(head_rng, logits, sampling)
         if not sampling.greedy:
             probs.append(probabilities(logits, sampling))
@@ -158,8 +159,9 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
             state.cache["mtp"], draft_rng, sampling)
         chunk = decode.gather_rows(tokens, n, k + 1)  # [t_n, d_1 .. d_k]
         positions = jnp.where(active[:, None], n[:, None] + jnp.arange(k + 1), -1)
-        logits, hidden, decoder_cache = decode.model_decode(model, params, chunk, positions,
-                                                            state.cache["decoder"])
+        hidden, decoder_cache = decode.model_decode(model, params, chunk, positions,
+                                                    state.cache["decoder"])
+        logits = decode.logits(model, params, hidden)
         new, accepted = _accept(logits, chunk[:, 1:], draft_probs, accept_rng, sampling)
         count, done = commit_count(new, accepted + 1, state.generated, state.done,
                                    max_new_tokens=max_new_tokens, stop_tokens=stops)

@@ -216,18 +216,23 @@ class MiMoV2Flash(nn.Module):
         return outputs
 
     def decode(self, tokens: jax.Array, positions: jax.Array,
-               cache: dict) -> tuple[jax.Array, jax.Array, dict]:
+               cache: dict) -> tuple[jax.Array, dict]:
         """One cached forward over a chunk of new tokens (prefill or decode step).
 
         Args:
           tokens: [B, T] int32.
           positions: [B, T] int32 absolute positions; -1 marks padding.
           cache: the decoder's KV cache, `mimo_jax.inference.cache.init_cache(...)["decoder"]`.
-        Returns logits [B, T, V] float32, hidden [B, T, D] (before the final norm) and the cache.
+        Returns the hidden states [B, T, D] (before the final norm; `logits` turns the rows that
+        are needed into logits) and the new cache.
         """
         segment_ids = (positions >= 0).astype(jnp.int32)
         hidden, _, cache = self.decoder(self.embed(tokens), positions, segment_ids, cache)
-        return self.lm_head(self.final_norm(hidden)), hidden, cache
+        return hidden, cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final norm and LM head: hidden [B, T, D] -> logits [B, T, V] float32."""
+        return self.lm_head(self.final_norm(hidden))
 
     def mtp_decode(self, head: int, previous_hidden: jax.Array, next_tokens: jax.Array,
                    positions: jax.Array, cache) -> tuple[jax.Array, jax.Array, object]:
@@ -235,12 +240,16 @@ class MiMoV2Flash(nn.Module):
 
         previous_hidden: [B, T, D] (the main hidden state for head 0, else the previous head's);
         next_tokens: [B, T] the token `head + 1` places after each position; positions: [B, T]
-        (-1 = padding). Returns the head's hidden [B, T, D], logits [B, T, V] and its cache.
+        (-1 = padding). Returns the head's hidden [B, T, D], its normed output [B, T, D] (the LM
+        head's input, see `mtp_logits`) and its cache.
         """
         segment_ids = (positions >= 0).astype(jnp.int32)
-        hidden, normed, cache = self.mtp_heads[head](
-            previous_hidden, self.embed(next_tokens), positions, segment_ids, cache)
-        return hidden, self.lm_head(normed), cache
+        return self.mtp_heads[head](previous_hidden, self.embed(next_tokens), positions,
+                                    segment_ids, cache)
+
+    def mtp_logits(self, normed: jax.Array) -> jax.Array:
+        """The shared LM head on an MTP head's normed output: [B, T, D] -> [B, T, V] float32."""
+        return self.lm_head(normed)
 
 
 def init_params(model: MiMoV2Flash, rng: jax.Array, batch: int = 1, length: int = 8,

@@ -36,6 +36,14 @@ def _greedy_by_recompute(model, params, tokens, lengths, new_tokens):
     return [buffer[b, n:n + new_tokens].tolist() for b, n in enumerate(lengths)]
 
 
+def _logits_step(model):
+    """A jitted cached forward over a chunk that returns its logits and the new cache."""
+    def step(params, tokens, positions, cache):
+        hidden, cache = decode.model_decode(model, params, tokens, positions, cache)
+        return decode.logits(model, params, hidden), cache
+    return jax.jit(step)
+
+
 def test_greedy_cached_decoding_equals_full_recompute(decode_model, prompts):
     model, params = decode_model
     tokens, lengths = prompts(LENGTHS, model.config.vocab_size, seed=1)
@@ -67,7 +75,7 @@ def test_chunked_steps_and_rollback_match_full_forward(decode_config, random_par
     expected = np.asarray(_full_forward(model)(params, jnp.asarray(final)))
     rows = np.arange(2)
     np.testing.assert_allclose(logits, expected[rows, lengths - 1], atol=1e-5, rtol=0)
-    step = jax.jit(lambda p, t, pos, c: decode.model_decode(model, p, t, pos, c))
+    step = _logits_step(model)
     decoder_cache = cache["decoder"]
     frontier = lengths.copy()  # the next position to feed, per row
 
@@ -76,8 +84,8 @@ def test_chunked_steps_and_rollback_match_full_forward(decode_config, random_par
         positions = frontier[:, None] + np.arange(4)
         chunk = np.take_along_axis(source, positions, 1)
         positions = np.where(np.arange(4) < count, positions, -1)
-        logits, _, decoder_cache = step(params, jnp.asarray(chunk),
-                                        jnp.asarray(positions, jnp.int32), decoder_cache)
+        logits, decoder_cache = step(params, jnp.asarray(chunk),
+                                     jnp.asarray(positions, jnp.int32), decoder_cache)
         if check:
             want = np.take_along_axis(expected, np.maximum(positions, 0)[..., None], 1)
             np.testing.assert_allclose(np.asarray(logits)[:, :count], want[:, :count],

@@ -63,6 +63,14 @@ def _reference_logits(model, tokens: np.ndarray, prompt: int) -> list[np.ndarray
     return out
 
 
+def _logits_step(model):
+    """A jitted cached forward over a chunk that returns its logits and the new cache."""
+    def step(params, tokens, positions, cache):
+        hidden, cache = decode.model_decode(model, params, tokens, positions, cache)
+        return decode.logits(model, params, hidden), cache
+    return jax.jit(step)
+
+
 def test_cached_decoding_logits_match_transformers(tmp_path):
     torch_model = _reference(tmp_path)
     model, params = hf.load(str(tmp_path))
@@ -75,7 +83,7 @@ def test_cached_decoding_logits_match_transformers(tmp_path):
     cache = kv_cache.init_cache(model.config, len(PROMPTS), total, num_mtp_heads=0)
     last, _, cache = jax.jit(lambda p, t, n, c: decode.prefill(model, p, t, n, c, chunk_size=4))(
         params, jnp.asarray(tokens[:, :width]), jnp.asarray(lengths), cache)
-    step = jax.jit(lambda p, t, pos, c: decode.model_decode(model, p, t, pos, c))
+    step = _logits_step(model)
     ours = [[np.asarray(last[b])[None]] for b in range(len(PROMPTS))]
     frontier = lengths.copy()
     decoder_cache = cache["decoder"]
@@ -83,8 +91,8 @@ def test_cached_decoding_logits_match_transformers(tmp_path):
         positions = frontier[:, None] + np.arange(3)
         chunk = np.take_along_axis(tokens, positions, 1)
         positions = np.where(np.arange(3) < size, positions, -1)  # every step 3 wide, padded
-        logits, _, decoder_cache = step(params, jnp.asarray(chunk),
-                                        jnp.asarray(positions, jnp.int32), decoder_cache)
+        logits, decoder_cache = step(params, jnp.asarray(chunk),
+                                     jnp.asarray(positions, jnp.int32), decoder_cache)
         for b in range(len(PROMPTS)):
             ours[b].append(np.asarray(logits[b, :size]))
         frontier += size
