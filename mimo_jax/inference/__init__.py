@@ -1,0 +1,16 @@
+"""Decoding MiMo-V2-Flash: KV cache, prefill, sampling, generation, MTP self-speculative decoding.
+
+    from mimo_jax.inference.generate import generate
+    from mimo_jax.inference.speculative import speculative_generate
+    from mimo_jax.inference.sampling import SamplingConfig
+
+    out = generate(model, params, prompts, lengths, max_new_tokens=64)
+    out = speculative_generate(model, params, prompts, lengths, max_new_tokens=64, num_draft=3)
+    out.generated(0)                      # row 0's new tokens
+    out.acceptance_length()               # tokens per main-model pass
+
+Modules: `cache` (ring buffers for sliding-window layers, full length for global ones),
+`decode` (cached forward passes, chunked prefill), `sampling` (greedy / temperature / top-k /
+top-p), `generate` (one `while_loop` per generation), `speculative` (draft with the MTP heads,
+verify in one main-model pass).
+"""
