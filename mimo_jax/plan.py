@@ -1,7 +1,8 @@
 """Prints the bytes per device a training run needs on a named TPU or GPU slice, and whether it fits.
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh v5p-512 \\
-        --param_dtype bfloat16
+        --param_dtype bfloat16 --config.train.grad_accum_steps=16 \\
+        --config.model.moe_impl=expert_parallel
     python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh 8xH200 \\
         --config.mesh.ici=fsdp=-1,expert=8 --config.mesh.rules=fsdp_ep
 
@@ -13,11 +14,13 @@ See `mimo_jax/parallel/memory.py` for what each row counts.
 
 from __future__ import annotations
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mimo_jax.config import DTYPES, model_config_from_dict
-from mimo_jax.parallel.config import MESH_AXES, mesh_config_from_dict
+from mimo_jax.config import DTYPES, ConfigError, model_config_from_dict, replace_model
+from mimo_jax.parallel import rules as rules_lib
+from mimo_jax.parallel.config import MESH_AXES, MeshConfig, mesh_config_from_dict
 from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
@@ -51,31 +54,34 @@ def format_plan(plan: MemoryPlan, header: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv) -> None:
-    del argv
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required (e.g. configs/mimo_v2_flash.py)")
-    if not _MESH.value:
-        raise app.UsageError("--mesh is required (e.g. v5p-512)")
+def expert_axes(mesh_config: MeshConfig, axis_sizes: dict[str, int]) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that the rules split the experts over."""
+    spec = rules_lib.mesh_axes(("experts",), rules_lib.get_rules(mesh_config.rules))
+    return tuple(a for a in rules_lib.spec_axes(spec[0]) if axis_sizes[a] > 1)
+
+
+def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
+                    param_dtype: str | None = None,
+                    optimizer_dtype: str = "float32") -> tuple[MemoryPlan, str]:
+    """The memory plan of a run config on a slice, and its printed table (with notes).
+
+    Raises ConfigError (bad config) or ValueError (unknown slice).
+    """
     model_config = model_config_from_dict(config.model)
     mesh_config = mesh_config_from_dict(config.get("mesh"))
-    try:
-        slice_spec = parse_slice(_MESH.value)
-    except ValueError as err:
-        raise app.UsageError(str(err)) from err
+    slice_spec = parse_slice(slice_name)
     data = config.get("data")
     if data is None:
-        raise app.UsageError("the config has no data section (batch_size, seq_len)")
+        raise ConfigError("the config has no 'data' section (batch_size, seq_len)")
     train = config.get("train")
-    accum = int(train.get("grad_accum_steps", 1)) if train is not None else 1
+    accum = 1
     optimizer_factory = None
     if train is not None:
         from mimo_jax.train.config import train_config_from_dict  # pylint: disable=import-outside-toplevel
         from mimo_jax.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
         train_config = train_config_from_dict(train)
+        accum = train_config.grad_accum_steps
         if train_config.compute_dtype:
-            from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
             model_config = replace_model(model_config, dtype=train_config.compute_dtype)
 
         def optimizer_factory(params):
@@ -83,25 +89,34 @@ def main(argv) -> None:
 
     plan = plan_memory(model_config, mesh_config, slice_spec, batch_size=int(data.batch_size),
                        seq_len=int(data.seq_len), grad_accum_steps=accum,
-                       param_dtype=_PARAM_DTYPE.value, optimizer_dtype=_OPT_DTYPE.value,
+                       param_dtype=param_dtype, optimizer_dtype=optimizer_dtype,
                        optimizer_factory=optimizer_factory)
     header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
               f"micro-batch(es); compute {model_config.dtype}; MoE {model_config.moe_impl}"
               + (f" (capacity factor {mesh_config.expert_capacity_factor:g})"
                  if model_config.moe_impl == "expert_parallel" else ""))
-    print(format_plan(plan, header))
-    expert_axes = plan_expert_axes(mesh_config, plan.axis_sizes)
-    if expert_axes and model_config.moe_impl != "expert_parallel":
-        print(f"note: experts are split over {expert_axes} but model.moe_impl="
-              f"{model_config.moe_impl!r}; set --config.model.moe_impl=expert_parallel so tokens "
-              "travel to the experts instead of the compiler gathering every expert's weights")
+    table = format_plan(plan, header)
+    split = expert_axes(mesh_config, plan.axis_sizes)
+    if split and model_config.moe_impl != "expert_parallel":
+        table += (f"\nnote: experts are split over {split} but model.moe_impl="
+                  f"{model_config.moe_impl!r}; set --config.model.moe_impl=expert_parallel so "
+                  "tokens travel to the experts instead of the compiler gathering every "
+                  "expert's weights")
+    return plan, table
 
 
-def plan_expert_axes(mesh_config, axis_sizes: dict[str, int]) -> tuple[str, ...]:
-    """Mesh axes of size > 1 that the rules split the experts over."""
-    from mimo_jax.parallel import rules as rules_lib  # pylint: disable=import-outside-toplevel
-    spec = rules_lib.mesh_axes(("experts",), rules_lib.get_rules(mesh_config.rules))
-    return tuple(a for a in rules_lib.spec_axes(spec[0]) if axis_sizes[a] > 1)
+def main(argv) -> None:
+    del argv
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (e.g. configs/mimo_v2_flash.py)")
+    if not _MESH.value:
+        raise app.UsageError("--mesh is required (e.g. v5p-512)")
+    try:
+        _, table = plan_for_config(_CONFIG.value, _MESH.value, param_dtype=_PARAM_DTYPE.value,
+                                   optimizer_dtype=_OPT_DTYPE.value)
+    except (ConfigError, ValueError) as err:
+        raise app.UsageError(str(err)) from err
+    print(table)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def _granules(devices: Sequence[jax.Device]) -> tuple[str, int]:
     """What counts as a slice among `devices` and how many there are: TPU slices
     ('slice_index'; one slice however many hosts it spans), else processes ('process_index':
     a GPU or CPU host running one process)."""
-    if hasattr(devices[0], "slice_index"):
+    if devices[0].platform == "tpu" and hasattr(devices[0], "slice_index"):
         return "slice_index", len({d.slice_index for d in devices})
     return "process_index", len({d.process_index for d in devices})
 

@@ -187,10 +187,12 @@ class Parallelism:
         return call
 
     def jit_train_step(self, step: Callable, state_shardings: PyTree, batch_shardings: PyTree,
-                       donate_state: bool = True, **jit_kwargs) -> Callable:
-        """`(state, batch) -> (state, metrics)` under jit: state and batch in their shardings,
-        the new state in the same shardings (donated), metrics replicated."""
-        return self.jit(step, (state_shardings, batch_shardings),
+                       donate_state: bool = True, extra_args: int = 0,
+                       **jit_kwargs) -> Callable:
+        """`(state, batch, *extra) -> (state, metrics)` under jit: state and batch in their
+        shardings, `extra_args` trailing arguments (e.g. the learning rate) replicated, the new
+        state in the state's shardings (donated), metrics replicated."""
+        return self.jit(step, (state_shardings, batch_shardings) + (self.replicated,) * extra_args,
                         (state_shardings, self.replicated),
                         donate_argnums=(0,) if donate_state else (), **jit_kwargs)
 

@@ -1,59 +1,74 @@
-"""Where the trainer's arrays live: a one-axis data-parallel mesh over the devices.
+"""Where the trainer's arrays live: the device mesh and sharding rules of `config.mesh`.
 
-Parameters and optimizer state are replicated, batches are split along the batch axis. The
-model's own logical-axis annotations are inactive here (no rules are installed), so the same
-program runs on one CPU or a slice of accelerators.
+`mimo_jax.parallel` builds the mesh (ICI/DCN axis sizes, one process or many) over the first
+`train.num_devices` devices and resolves the rule preset: parameters and optimizer state are split
+as the rules say (pure FSDP by default), batches along the batch (and, with context parallelism,
+the sequence) axes. The train and eval steps are jitted by `Parallelism`, which traces them under
+the mesh and the logical rules, so the model's sharding constraints, expert-parallel dispatch and
+context-parallel attention take effect.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimo_jax.config import ConfigError
+from mimo_jax.parallel import Parallelism, rules as rules_lib
+from mimo_jax.parallel.config import MeshConfig
+from mimo_jax.parallel.sharding import batch_spec
 
-DATA_AXIS = "data"
 
-
-def make_mesh(num_devices: int = 0) -> Mesh:
-    """A ("data",) mesh over the first `num_devices` devices (0 = all of them)."""
+def make_parallelism(mesh_config: MeshConfig, num_devices: int = 0) -> Parallelism:
+    """The mesh over the first `num_devices` devices (0 = all of them) and the rules."""
     devices = jax.devices()
     if num_devices > len(devices):
         raise ConfigError(f"config key 'train.num_devices' = {num_devices}: only "
                           f"{len(devices)} devices are available")
-    chosen = devices[:num_devices] if num_devices else devices
-    return Mesh(np.asarray(chosen), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+    return Parallelism.from_config(mesh_config, devices[:num_devices] if num_devices else devices)
 
 
-def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh) -> None:
-    """The global batch must split evenly into micro-batches and over the data axis."""
-    devices = mesh.shape[DATA_AXIS]
+def check_batch(batch_size: int, seq_len: int, grad_accum_steps: int,
+                parallelism: Parallelism) -> None:
+    """Each micro-batch must split evenly over the batch axes, each row over the length axes."""
     if batch_size % grad_accum_steps:
         raise ConfigError(f"config key 'data.batch_size' = {batch_size}: must be divisible by "
                           f"train.grad_accum_steps={grad_accum_steps}")
-    if batch_size % devices:
-        raise ConfigError(f"config key 'data.batch_size' = {batch_size}: must be divisible by "
-                          f"the {devices} data-parallel devices (set train.num_devices)")
+    spec = batch_spec(2, parallelism.rules)
+    sizes = dict(parallelism.mesh.shape)
+    rows = math.prod(sizes[a] for a in rules_lib.spec_axes(spec[0]))
+    if (batch_size // grad_accum_steps) % rows:
+        raise ConfigError(f"config key 'data.batch_size' = {batch_size}: each of the "
+                          f"{grad_accum_steps} micro-batches must split over the {rows} "
+                          f"batch shards of the mesh (mesh axes {rules_lib.spec_axes(spec[0])})")
+    pieces = math.prod(sizes[a] for a in rules_lib.spec_axes(spec[1]))
+    if seq_len % pieces:
+        raise ConfigError(f"config key 'data.seq_len' = {seq_len}: must split over the {pieces} "
+                          f"context shards of the mesh")
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """[B, T] arrays split along B."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+def batch_sharding(parallelism: Parallelism) -> NamedSharding:
+    """[B, T] arrays: rows over the batch axes, the sequence over the context axes."""
+    return parallelism.sharding(batch_spec(2, parallelism.rules))
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-    """Every leaf of the train state replicated."""
-    return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+def state_shardings(abstract_state: Any, model, parallelism: Parallelism) -> Any:
+    """Parameters as the rules say; optimizer moments like their parameters; the rest
+    (step, RNG key, counters) replicated."""
+    params, param_shardings = parallelism.param_shardings(model)
+    return parallelism.state_shardings(abstract_state, params, param_shardings)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Per-process numpy rows -> one global jax.Array per key, split along the batch axis."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def global_batch(local_batch: dict[str, np.ndarray],
+                 parallelism: Parallelism) -> dict[str, jax.Array]:
+    """Per-process numpy rows -> one global jax.Array per key."""
+    sharding = batch_sharding(parallelism)
+    return parallelism.put_batch(local_batch, {k: sharding for k in local_batch})

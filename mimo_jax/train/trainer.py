@@ -32,6 +32,7 @@ from mimo_jax.data import pipeline
 from mimo_jax.data.config import DataConfig, data_config_from_dict
 from mimo_jax.data.errors import DataError
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
 from mimo_jax.train import partition
 from mimo_jax.train.checkpoint import (EXPORT_DIR, Checkpointer, architecture, export_params)
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
@@ -52,6 +53,7 @@ class RunConfigs:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    mesh: MeshConfig
 
 
 @dataclasses.dataclass
@@ -78,7 +80,8 @@ def build_configs(config: ml_collections.ConfigDict) -> RunConfigs:
     train = train_config_from_dict(config.train)
     if train.compute_dtype:
         model = replace_model(model, dtype=train.compute_dtype)
-    return RunConfigs(model=model, data=data_config_from_dict(config.data), train=train)
+    return RunConfigs(model=model, data=data_config_from_dict(config.data), train=train,
+                      mesh=mesh_config_from_dict(config.get("mesh")))
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -125,8 +128,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         workdir.mkdir(parents=True, exist_ok=True)
         _save_config(config, workdir)
 
-    mesh = partition.make_mesh(train_cfg.num_devices)
-    partition.check_batch(data_cfg.batch_size, train_cfg.grad_accum_steps, mesh)
+    parallelism = partition.make_parallelism(configs.mesh, train_cfg.num_devices)
+    partition.check_batch(data_cfg.batch_size, data_cfg.seq_len, train_cfg.grad_accum_steps,
+                          parallelism)
     shard = pipeline.ProcessShard.from_jax()
 
     # Data first: a bad path fails in seconds, before any compilation.
@@ -151,8 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     try:
         # The first batch before any compilation: bad data fails in seconds.
         batch = batches.next() if start < train_cfg.steps else None
-        setup = _Setup(configs, workdir, mesh, shard, tokenizer, eval_sources, checkpointer,
-                       meta, start, batches)
+        setup = _Setup(configs, workdir, parallelism, shard, tokenizer, eval_sources,
+                       checkpointer, meta, start, batches)
         return _train(setup, batch, stop_requested, log)
     finally:
         batches.close()
@@ -165,7 +169,7 @@ class _Setup:
 
     configs: RunConfigs
     workdir: pathlib.Path
-    mesh: jax.sharding.Mesh
+    parallelism: Parallelism
     shard: pipeline.ProcessShard
     tokenizer: Any
     eval_sources: list
@@ -178,7 +182,9 @@ class _Setup:
 def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
            stop_requested: Callable[[], bool], log: Callable[[str], None]) -> RunResult:
     """The part of `run` after the data and the checkpoint directory are known to be good."""
-    configs, workdir, mesh, shard = setup.configs, setup.workdir, setup.mesh, setup.shard
+    configs, workdir, shard = setup.configs, setup.workdir, setup.shard
+    parallelism = setup.parallelism
+    mesh = parallelism.mesh
     tokenizer, eval_sources, checkpointer = setup.tokenizer, setup.eval_sources, setup.checkpointer
     meta, start, batches = setup.meta, setup.start, setup.batches
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
@@ -188,7 +194,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
     optimizer = make_optimizer(train_cfg, params_shape)
     schedule = learning_rate_schedule(train_cfg)
     abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, train_cfg.seed))
-    state_shardings = partition.state_shardings(abstract_state, mesh)
+    state_shardings = partition.state_shardings(abstract_state, model, parallelism)
     if start:
         state = checkpointer.restore_state(
             start, _abstract_with_shardings(abstract_state, state_shardings))
@@ -200,14 +206,14 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
     log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
         f"tokens; {train_cfg.steps} steps on {mesh.size} device(s)")
 
-    train_step = jax.jit(make_train_step(model, model_cfg, train_cfg, optimizer),
-                         in_shardings=(state_shardings, partition.batch_sharding(mesh),
-                                       partition.replicated(mesh)),
-                         out_shardings=(state_shardings, partition.replicated(mesh)),
-                         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model, model_cfg),
-                        in_shardings=(state_shardings.params, partition.batch_sharding(mesh)),
-                        out_shardings=partition.replicated(mesh))
+    # Traced under the mesh and the logical rules (the model's sharding constraints,
+    # expert-parallel dispatch and context-parallel attention), with explicit shardings.
+    train_step = parallelism.jit_train_step(
+        make_train_step(model, model_cfg, train_cfg, optimizer), state_shardings,
+        partition.batch_sharding(parallelism), extra_args=1)
+    eval_step = parallelism.jit_eval_step(make_eval_step(model, model_cfg),
+                                          state_shardings.params,
+                                          partition.batch_sharding(parallelism))
     eval_cache: list[dict[str, np.ndarray]] = []
 
     def evaluate(params) -> dict[str, float] | None:
@@ -218,7 +224,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                                                     model_cfg.vocab_size, shard))
         sums = counts = 0.0
         for batch in eval_cache:
-            out = eval_step(params, partition.global_batch(batch, mesh))
+            out = eval_step(params, partition.global_batch(batch, parallelism))
             sums, counts = sums + out["sums"], counts + out["counts"]
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         means = sums / np.maximum(counts, 1.0)
@@ -252,7 +258,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
         consecutive_bad = 0
         timer_start, timer_tokens = None, 0
         while step < train_cfg.steps:
-            state, metrics = train_step(state, partition.global_batch(batch, mesh),
+            state, metrics = train_step(state, partition.global_batch(batch, parallelism),
                                         np.float32(schedule(step)))
             data_state_now = batches.state_after_last
             step += 1

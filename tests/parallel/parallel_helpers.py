@@ -14,6 +14,8 @@ from mimo_jax.config import ModelConfig, model_config_from_dict
 from mimo_jax.model.mtp import shift_left
 
 QUICK_COMPILE = {"xla_backend_optimization_level": 0}
+# A quicker model: a global dense layer and a sliding MoE layer, no MTP head.
+SMALL = dict(num_layers=2, num_mtp_heads=0)
 VOCAB = 256
 
 
@@ -91,3 +93,37 @@ def random_params(model, seed: int = 1):
         return jnp.asarray(values, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def train_setup(moe_impl: str, seed: int = 1, **model_overrides):
+    """The real pretraining step for the 3-layer model.
+
+    Returns (model, train_step, initial state, batch, schedule): `train_step(state, batch,
+    learning_rate)` is `mimo_jax.train.step`'s (AdamW, clipping, MTP and balance losses,
+    router-bias updates; configs/tiny.py's train section), the state holds `random_params` and a
+    fresh optimizer state, `schedule(step)` is the host-side learning rate. Keyword arguments
+    override model config keys.
+    """
+    from mimo_jax.model.transformer import MiMoV2Flash, positions_from_segments  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.config import train_config_from_dict  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+
+    model_config = parallel_model_config(moe_impl=moe_impl, **model_overrides)
+    model = MiMoV2Flash(model_config)
+    train_config = train_config_from_dict(tiny.get_config().train)
+    params = random_params(model, seed)
+    optimizer = make_optimizer(train_config, params)
+    step = make_train_step(model, model_config, train_config, optimizer)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       opt_state=optimizer.init(params), rng=jax.random.PRNGKey(seed))
+    batch = packed_batch()
+    batch["positions"] = np.asarray(positions_from_segments(jnp.asarray(batch["segment_ids"])))
+    return model, step, state, batch, learning_rate_schedule(train_config)
+
+
+def param_norms(params) -> jax.Array:
+    """[leaves] float32 L2 norm of every parameter (a small, replicated summary)."""
+    return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+                      for x in jax.tree.leaves(params)])

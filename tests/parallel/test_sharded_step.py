@@ -26,10 +26,9 @@ MESHES = {
 }
 
 
-@pytest.fixture(scope="module", name="reference")
-def fixture_reference():
+def _reference(**overrides):
     """Parameters, batch, and the single-device loss and gradients (dense MoE dispatch)."""
-    model = MiMoV2Flash(ph.parallel_model_config(moe_impl="dense"))
+    model = MiMoV2Flash(ph.parallel_model_config(moe_impl="dense", **overrides))
     params = ph.random_params(model)
     batch = ph.packed_batch()
     loss, grads = jax.jit(jax.value_and_grad(lambda p, b: ph.objective(model, p, b)),
@@ -37,17 +36,35 @@ def fixture_reference():
     return params, batch, loss, grads
 
 
+@pytest.fixture(scope="module", name="references")
+def fixture_references():
+    """References computed on first use: the 3-layer model with its MTP head (for the
+    context-parallel presets, whose MTP shift crosses shard borders) and the 2-layer model
+    without one (the rest; it compiles faster)."""
+    cache = {}
+
+    def get(context_parallel: bool):
+        if context_parallel not in cache:
+            cache[context_parallel] = _reference(**({} if context_parallel else ph.SMALL))
+        return cache[context_parallel]
+    return get
+
+
 def test_every_preset_is_covered():
     assert set(MESHES) == set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", sorted(MESHES))
-def test_sharded_step_equals_single_device(preset, reference):
-    params, batch, want_loss, want_grads = reference
+def test_sharded_step_equals_single_device(preset, references):
+    context_parallel = "cp" in preset
+    params, batch, want_loss, want_grads = references(context_parallel)
     parallelism = Parallelism.from_config(
         mesh_config_from_dict(dict(ici=MESHES[preset], rules=preset)))
     moe_impl = "expert_parallel" if "ep" in preset else "dense"
-    model = MiMoV2Flash(ph.parallel_model_config(moe_impl=moe_impl))
+    # The context-parallel presets also rematerialise each layer ("full", as the full model
+    # does), so the halo exchange and the expert all-to-all run again in the backward pass.
+    overrides = dict(remat_policy="full") if context_parallel else ph.SMALL
+    model = MiMoV2Flash(ph.parallel_model_config(moe_impl=moe_impl, **overrides))
     _, param_shardings = parallelism.param_shardings(model)
     batch_shardings = parallelism.batch_shardings(batch)
     step = parallelism.jit(jax.value_and_grad(lambda p, b: ph.objective(model, p, b)),
@@ -65,7 +82,7 @@ def test_sharded_step_equals_single_device(preset, reference):
 def test_remat_policies_give_equal_gradients():
     policies = ("none", "full", "save_dots", "save_dots_no_batch")
     models = [MiMoV2Flash(ph.parallel_model_config(moe_impl="dense", remat_policy=policy,
-                                                   num_mtp_heads=0)) for policy in policies]
+                                                   **ph.SMALL)) for policy in policies]
     params, batch = ph.random_params(models[0]), ph.packed_batch()
     # One program holding the four differentiated models: one compile.
     results = jax.jit(lambda p, b: [jax.value_and_grad(

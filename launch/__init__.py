@@ -1,0 +1,1 @@
+"""XManager launch scripts (`pretrain.py`) and the plain-Python job description they use."""

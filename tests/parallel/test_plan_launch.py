@@ -1,0 +1,77 @@
+"""The memory plan (`python -m mimo_jax.plan`) and the launcher's job description."""
+
+import subprocess
+import sys
+
+import pytest
+
+from configs import mimo_v2_flash
+from launch import jobs
+from mimo_jax.parallel.memory import GIB, parse_slice
+from mimo_jax.plan import plan_for_config
+
+FULL_MODEL_PARAMS = 309.0e9  # SPEC.md, MTP head excluded (~0.33B more)
+
+
+def _full_config(**train):
+    config = mimo_v2_flash.get_config()
+    config.model.moe_impl = "expert_parallel"
+    config.train.update(train)
+    return config
+
+
+def test_full_model_fits_v5p_512_with_fsdp_and_experts_in_bf16():
+    plan, table = plan_for_config(_full_config(grad_accum_steps=16), "v5p-512",
+                                  param_dtype="bfloat16")
+    rows = {row.name: row.bytes for row in plan.rows}
+    assert plan.axis_sizes["expert"] == 16 and plan.axis_sizes["fsdp"] == 8
+    # Every weight is split 256 ways: bf16 params ~ 2 bytes x 309.3B / 256 per device, and the
+    # two float32 Adam moments 4x that.
+    per_device = 2 * (FULL_MODEL_PARAMS + 0.33e9) / 256
+    assert abs(rows["params"] / per_device - 1) < 0.02
+    assert abs(rows["optimizer state"] / (4 * rows["params"]) - 1) < 0.01
+    assert plan.fits and plan.total < 80 * GIB
+    assert "fits: " in table and "v5p-512" in table
+
+
+def test_a_full_batch_without_micro_batches_does_not_fit():
+    plan, table = plan_for_config(_full_config(grad_accum_steps=1), "v5p-512",
+                                  param_dtype="bfloat16")
+    assert not plan.fits and "does NOT fit" in table
+    assert plan.tokens_per_device == 2048 * 32768 // 256
+
+
+def test_slice_names():
+    assert parse_slice("v5p-512").num_devices == 256
+    assert parse_slice("2xv5p-256").num_slices == 2
+    assert parse_slice("v6e-256").hbm_bytes == 32 * GIB
+    assert parse_slice("64xH200").num_slices == 8
+    with pytest.raises(ValueError, match="tpu9"):
+        parse_slice("tpu9-8")
+
+
+def test_plan_command_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "mimo_jax.plan", "--config", "configs/tiny.py", "--mesh",
+         "8xH100"], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "slice 8xH100: 8 devices" in out and "fits" in out
+
+
+def test_launch_job_arguments_and_tpu_checks():
+    job = jobs.PretrainJob("configs/mimo_v2_flash.py", "gs://b/run",
+                           ("train.grad_accum_steps=16", "config.mesh.rules=fsdp_ep"), True)
+    assert job.args() == {"config": "configs/mimo_v2_flash.py", "workdir": "gs://b/run",
+                          "distributed": True, "config.train.grad_accum_steps": "16",
+                          "config.mesh.rules": "fsdp_ep"}
+    assert job.command()[:3] == ["python", "-m", "mimo_jax.train.pretrain"]
+    assert "--distributed" in job.command()
+    assert jobs.tpu_request("v5p-512", "8x8x4") == jobs.TpuRequest("tpu_v5p", "8x8x4", 256)
+    with pytest.raises(ValueError, match="has 128 chips"):
+        jobs.tpu_request("v5p-512", "4x8x4")
+    with pytest.raises(ValueError, match="names no section"):
+        jobs.parse_overrides(["steps=3"])
+    with pytest.raises(ValueError, match="does not fit"):
+        jobs.check_memory("configs/mimo_v2_flash.py", ("model.moe_impl=expert_parallel",),
+                          "v5p-512", "bfloat16")
+    table = jobs.check_memory("configs/tiny.py", ("train.steps=5",), "8xH100")
+    assert "fits" in table
