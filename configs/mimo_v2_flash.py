@@ -57,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.tokenizer_train_bytes = 64_000_000
     data.add_eos = True
     data.text_document = "file"
+    data.max_document_bytes = 0  # 0 = whole files; > 0 cuts them into pieces of whole lines
     data.jsonl_field = "text"
     data.seqio_split = "train"
     data.seqio_eval_split = "validation"

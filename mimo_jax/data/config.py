@@ -86,6 +86,7 @@ class DataConfig:
     tokenizer_train_bytes: int  # corpus bytes used to train the BPE
     add_eos: bool
     text_document: str
+    max_document_bytes: int  # cut text files into pieces of whole lines up to this size; 0 = off
     jsonl_field: str
     seqio_split: str
     seqio_eval_split: str
@@ -111,6 +112,8 @@ class DataConfig:
             _fail("data.tokenizer_train_bytes", self.tokenizer_train_bytes, "must be >= 1")
         if self.text_document not in TEXT_DOCUMENT_UNITS:
             _fail("data.text_document", self.text_document, f"must be one of {TEXT_DOCUMENT_UNITS}")
+        if self.max_document_bytes < 0:
+            _fail("data.max_document_bytes", self.max_document_bytes, "must be >= 0 (0 = off)")
         if self.num_workers < 0:
             _fail("data.num_workers", self.num_workers, "must be >= 0")
         if self.worker_buffer_size < 1:
@@ -120,8 +123,8 @@ class DataConfig:
 
 _DEFAULTS: dict[str, Any] = dict(
     eval_sources="", eval_batches=8, eval_percent=5.0, tokenizer="",
-    tokenizer_train_bytes=8_000_000, add_eos=True, text_document="file", jsonl_field="text",
-    seqio_split="train", seqio_eval_split="validation", seqio_feature="targets", shuffle=True,
+    tokenizer_train_bytes=8_000_000, add_eos=True, text_document="file", max_document_bytes=0,
+    jsonl_field="text", seqio_split="train", seqio_eval_split="validation", seqio_feature="targets", shuffle=True,
     seed=0, num_workers=0, worker_buffer_size=16)
 
 
@@ -147,6 +150,7 @@ def data_config_from_dict(cfg: Mapping[str, Any]) -> DataConfig:
         tokenizer_train_bytes=int(values["tokenizer_train_bytes"]),
         add_eos=bool(values["add_eos"]),
         text_document=str(values["text_document"]),
+        max_document_bytes=int(values["max_document_bytes"]),
         jsonl_field=str(values["jsonl_field"]),
         seqio_split=str(values["seqio_split"]),
         seqio_eval_split=str(values["seqio_eval_split"]),

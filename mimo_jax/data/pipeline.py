@@ -67,11 +67,13 @@ def open_source(spec: SourceSpec, config: DataConfig, split: str) -> list[Opened
     if spec.kind == "stdlib":
         files = corpus.stdlib_files(split, config.eval_percent)
         name = f"stdlib[{split}]"
-        return [OpenedSource(name, "stdlib", TextDocuments(files, "file", name), spec.weight)]
+        documents = TextDocuments(files, "file", name, config.max_document_bytes)
+        return [OpenedSource(name, "stdlib", documents, spec.weight)]
     if spec.kind == "text":
         files = expand_paths(spec.arg, "text data")
-        return [OpenedSource(spec.arg, "text",
-                             TextDocuments(files, config.text_document, spec.arg), spec.weight)]
+        documents = TextDocuments(files, config.text_document, spec.arg,
+                                  config.max_document_bytes)
+        return [OpenedSource(spec.arg, "text", documents, spec.weight)]
     if spec.kind == "jsonl":
         files = expand_paths(spec.arg, "JSON-lines data")
         return [OpenedSource(spec.arg, "jsonl", JsonlDocuments(files, config.jsonl_field, spec.arg),
@@ -116,16 +118,17 @@ class ToTokens(grain.transforms.MapWithIndex):
     """Document -> int32 ids (+ end-of-text), checked against the model's vocabulary."""
 
     def __init__(self, tokenizer: tokenizer_lib.TextTokenizer | None, add_eos: bool,
-                 vocab_size: int, source_name: str):
+                 vocab_size: int, source_name: str, document_ends: np.ndarray | None = None):
         self._tokenizer = tokenizer
         self._add_eos = add_eos
+        self._ends = document_ends  # a piece cut from the middle of a file gets no end-of-text
         self._vocab_size = vocab_size
         self._source_name = source_name
 
     def map_with_index(self, index: int, document: str | np.ndarray) -> np.ndarray:
         if isinstance(document, str):
             ids = self._tokenizer.encode(document)
-            if self._add_eos:
+            if self._add_eos and (self._ends is None or self._ends[index]):
                 ids = np.append(ids, np.int32(self._tokenizer.eos_id))
         else:
             ids = np.asarray(document, np.int32).reshape(-1)
@@ -186,7 +189,9 @@ def _token_dataset(source: OpenedSource, tokenizer, config: DataConfig, vocab_si
         raise DataError(f"data source {source.name!r} has {len(source.documents)} documents, "
                         f"fewer than the {shard.count} processes that share it")
     dataset = grain.MapDataset.source(source.documents)
-    dataset = dataset.map_with_index(ToTokens(tokenizer, config.add_eos, vocab_size, source.name))
+    ends = getattr(source.documents, "document_ends", None)
+    dataset = dataset.map_with_index(ToTokens(tokenizer, config.add_eos, vocab_size, source.name,
+                                              ends))
     return dataset[shard.index::shard.count]
 
 

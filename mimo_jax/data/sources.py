@@ -41,21 +41,32 @@ def expand_paths(pattern: str, what: str, suffix: str = "") -> list[str]:
 
 
 class TextDocuments:
-    """Plain-text documents: one per file, or one per non-blank line.
+    """Plain-text documents: one per file (optionally cut into chunks of whole lines), or one per
+    non-blank line.
 
-    Line mode indexes byte offsets once at start-up, so a document is one seek away.
+    `max_bytes` > 0 cuts each file at line ends into pieces of at most that many bytes (a longer
+    single line stays whole), so that shuffling mixes parts of many files into every batch
+    instead of long runs of one file. `document_ends[i]` says whether piece i ends its file: only
+    those get the end-of-text token. Offsets are indexed once at start-up, so a document is one
+    seek away.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], unit: str = "file", name: str = ""):
+    def __init__(self, paths: Sequence[str | os.PathLike], unit: str = "file", name: str = "",
+                 max_bytes: int = 0):
         self._paths = [str(p) for p in paths]
         self._unit = unit
         self.name = name or (self._paths[0] if len(self._paths) == 1 else f"{len(self._paths)} files")
-        if unit == "file":
+        if unit == "file" and not max_bytes:
             self._files = np.array([i for i, p in enumerate(self._paths) if os.path.getsize(p)],
                                    np.int64)
             self._offsets = self._lengths = None
+            self.document_ends = np.ones(len(self._files), bool)
+        elif unit == "file":
+            self._files, self._offsets, self._lengths, self.document_ends = _index_chunks(
+                self._paths, max_bytes)
         elif unit == "line":
             self._files, self._offsets, self._lengths = _index_lines(self._paths)
+            self.document_ends = np.ones(len(self._files), bool)
         else:
             raise ValueError(f"text document unit {unit!r} is not 'file' or 'line'")
         if len(self._files) == 0:
@@ -67,7 +78,7 @@ class TextDocuments:
     def _read(self, index: int) -> bytes:
         path = self._paths[self._files[index]]
         with open(path, "rb") as f:
-            if self._unit == "file":
+            if self._offsets is None:
                 return f.read()
             f.seek(int(self._offsets[index]))
             return f.read(int(self._lengths[index]))
@@ -116,6 +127,25 @@ def _index_lines(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarr
                 offset += len(line)
     return (np.asarray(files, np.int64), np.asarray(offsets, np.int64),
             np.asarray(lengths, np.int64))
+
+
+def _index_chunks(paths: Sequence[str], max_bytes: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    pieces = []  # (file index, byte offset, byte length, ends its file)
+    for file_index, path in enumerate(paths):
+        with open(path, "rb") as f:
+            data = f.read()
+        start = position = 0
+        for line in data.splitlines(keepends=True):
+            if position > start and position + len(line) - start > max_bytes:
+                pieces.append((file_index, start, position - start, False))
+                start = position
+            position += len(line)
+        if position > start:
+            pieces.append((file_index, start, position - start, True))
+    files, offsets, lengths, ends = zip(*pieces) if pieces else ((), (), (), ())
+    return (np.asarray(files, np.int64), np.asarray(offsets, np.int64),
+            np.asarray(lengths, np.int64), np.asarray(ends, bool))
 
 
 def read_shard_metadata(directory: str | os.PathLike) -> dict | None:

@@ -55,6 +55,20 @@ def test_text_batches_match_the_tokenized_documents(text_dir, tokenizer):
     np.testing.assert_array_equal(stream, want)  # unshuffled, no padding: the corpus in order
 
 
+def test_end_of_text_only_where_a_file_ends(text_dir, tokenizer):
+    cfg = config(train_sources=f"text:{text_dir}", shuffle=False, max_document_bytes=200)
+    sources = pipeline.open_sources(cfg, "train")
+    documents = sources[0].documents
+    assert len(documents) > 40
+    batches, _ = take(build(cfg, tokenizer), 8)
+    stream = np.concatenate([b["tokens"].reshape(-1) for b in batches])
+    want = np.concatenate([np.append(tokenizer.encode(documents[i]), [tokenizer.eos_id] * int(
+        documents.document_ends[i])) for i in range(len(documents))])[: stream.size]
+    np.testing.assert_array_equal(stream, want)
+    assert 0 < int((stream == tokenizer.eos_id).sum()) < int((batches[0]["positions"] == 0).sum()
+                                                               ) * len(batches)
+
+
 def test_resume_from_state_is_exact(tmp_path):
     id_documents(tmp_path, "ids", 10, 50, seed=0)
     cfg = config(train_sources=f"array_record:{tmp_path / 'ids'}", seed=3)

@@ -123,3 +123,16 @@ def test_stdlib_split_is_deterministic_and_disjoint():
     assert all("site-packages" not in p.parts for p in train)
     assert json.dumps([str(p) for p in corpus.stdlib_files("eval", 5.0)]) == json.dumps(
         [str(p) for p in held_out])
+
+
+def test_files_cut_into_whole_line_pieces(tmp_path):
+    lines = [f"line {i} " + "x" * (i % 7) + "\n" for i in range(50)] + ["y" * 300 + "\n", "end"]
+    (tmp_path / "a.py").write_text("".join(lines))
+    (tmp_path / "b.py").write_text("short\n")
+    docs = TextDocuments(sorted(map(str, tmp_path.iterdir())), "file", max_bytes=100)
+    pieces = [docs[i] for i in range(len(docs))]
+    assert "".join(pieces[:-1]) == "".join(lines) and pieces[-1] == "short\n"
+    assert all(len(p) <= 100 or p.count("\n") <= 1 for p in pieces)  # a long line stays whole
+    assert all(p.endswith("\n") or p == "end" for p in pieces)
+    # Only the last piece of each file ends a document.
+    assert list(np.flatnonzero(docs.document_ends)) == [len(pieces) - 2, len(pieces) - 1]
