@@ -47,4 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
     train.eval_every = 50
     train.checkpoint_every = 50
     train.keep_every = 0
+    # Pure FSDP over whatever devices there are (one CPU device: no split).
+    config.mesh.update(ici="fsdp=-1", dcn="", rules="fsdp", expert_capacity_factor=0.0)
     return config
