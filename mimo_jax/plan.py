@@ -1,4 +1,4 @@
-"""Prints the bytes per device a training run needs on a named TPU or GPU slice, and whether it fits.
+"""Prints the bytes per device a training run needs on a named TPU or GPU slice; does it fit?
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh v5p-512 \\
         --param_dtype bfloat16 --config.train.grad_accum_steps=16 \\
@@ -13,6 +13,8 @@ See `mimo_jax/parallel/memory.py` for what each row counts.
 """
 
 from __future__ import annotations
+
+import functools
 
 import ml_collections
 from absl import app, flags
@@ -74,19 +76,16 @@ def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
     if data is None:
         raise ConfigError("the config has no 'data' section (batch_size, seq_len)")
     train = config.get("train")
-    accum = 1
-    optimizer_factory = None
+    accum, optimizer_factory = 1, None
     if train is not None:
-        from mimo_jax.train.config import train_config_from_dict  # pylint: disable=import-outside-toplevel
-        from mimo_jax.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
+        # The trainer's own optimizer (its state tree is what a run holds).
+        from mimo_jax.train import optimizer as optim  # pylint: disable=C0415
+        from mimo_jax.train.config import train_config_from_dict  # pylint: disable=C0415
         train_config = train_config_from_dict(train)
         accum = train_config.grad_accum_steps
         if train_config.compute_dtype:
             model_config = replace_model(model_config, dtype=train_config.compute_dtype)
-
-        def optimizer_factory(params):
-            return make_optimizer(train_config, params)
-
+        optimizer_factory = functools.partial(optim.make_optimizer, train_config)
     plan = plan_memory(model_config, mesh_config, slice_spec, batch_size=int(data.batch_size),
                        seq_len=int(data.seq_len), grad_accum_steps=accum,
                        param_dtype=param_dtype, optimizer_dtype=optimizer_dtype,

@@ -62,7 +62,10 @@ def _shift_from_previous(x: jax.Array, axis, num_shards: int, hops: int) -> jax.
 
 
 def _halo(x: jax.Array, rows: int, axis, num_shards: int) -> jax.Array:
-    """The `rows` positions just before this shard's block, gathered from earlier shards. [B, rows, ...]"""
+    """The `rows` positions just before this shard's block, from the shards before it.
+
+    x: [B, T', ...] -> [B, rows, ...] (zeros before the sequence start).
+    """
     local = x.shape[1]
     hops = -(-rows // local)
     blocks = [_shift_from_previous(x, axis, num_shards, j) for j in range(hops, 0, -1)]

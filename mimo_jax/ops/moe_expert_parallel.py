@@ -6,8 +6,8 @@ axes that split the experts) and its own tokens. Per shard:
   1. sort its T*k token copies by expert (padding tokens are not sent);
   2. exchange per-expert counts with `all_to_all`; each receiver lays out what it will get grouped
      by its local expert, then by source shard, so every local expert's rows are contiguous;
-  3. send the copies with `ragged_all_to_all` (slice e of the sorted copies goes to shard e // (E/P),
-     at the offset the receiver chose) into a receive buffer of C rows;
+  3. send the copies with `ragged_all_to_all` (slice e of the sorted copies goes to shard
+     e // (E/P), at the offset the receiver chose) into a receive buffer of C rows;
   4. run the local experts with grouped matmuls (`ragged_dot`) over the buffer;
   5. send the results back the same way (`ragged_all_to_all` with the offsets swapped), unsort,
      weight by the gates and sum the k copies of each token.

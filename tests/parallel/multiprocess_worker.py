@@ -20,7 +20,8 @@ import jax  # noqa: E402  (after the environment set-up)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import parallel_helpers as ph  # noqa: E402
-from mimo_jax.parallel import Parallelism, initialize_distributed, mesh_config_from_dict  # noqa: E402
+from mimo_jax.parallel import (Parallelism, initialize_distributed,  # noqa: E402
+                               mesh_config_from_dict)
 
 STEPS = 3
 MESH = dict(ici="fsdp=2,expert=2", dcn="data=2", rules="fsdp_ep")

@@ -104,11 +104,12 @@ def train_setup(moe_impl: str, seed: int = 1, **model_overrides):
     fresh optimizer state, `schedule(step)` is the host-side learning rate. Keyword arguments
     override model config keys.
     """
-    from mimo_jax.model.transformer import MiMoV2Flash, positions_from_segments  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.config import train_config_from_dict  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.state import TrainState  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from mimo_jax.model.transformer import MiMoV2Flash, positions_from_segments
+    from mimo_jax.train.config import train_config_from_dict
+    from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
+    from mimo_jax.train.state import TrainState
+    from mimo_jax.train.step import make_train_step
 
     model_config = parallel_model_config(moe_impl=moe_impl, **model_overrides)
     model = MiMoV2Flash(model_config)

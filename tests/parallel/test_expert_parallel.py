@@ -60,15 +60,14 @@ def test_dropless_dispatch_matches_dense_values_and_grads(preset, ici):
     def loss(fn, x, weights, w):
         return jnp.sum(fn(x, weights, indices, mask, w) * probe)
 
-    sharded = parallelism.jit(
-        lambda x, weights, w: (run(x, weights, indices, mask, w),
-                               jax.grad(lambda *a: loss(run, *a), argnums=(0, 1, 2))(x, weights, w)),
-        None, None, compiler_options=ph.QUICK_COMPILE)
-    got, got_grads = sharded(x, weights, w)
-    want, want_grads = jax.jit(
-        lambda x, weights, w: (_dense(x, weights, indices, mask, w),
-                               jax.grad(lambda *a: loss(_dense, *a), argnums=(0, 1, 2))(x, weights, w)),
-        compiler_options=ph.QUICK_COMPILE)(x, weights, w)
+    def values_and_grads(fn):
+        return lambda x, weights, w: (fn(x, weights, indices, mask, w), jax.grad(
+            lambda *a: loss(fn, *a), argnums=(0, 1, 2))(x, weights, w))
+
+    got, got_grads = parallelism.jit(values_and_grads(run), None, None,
+                                     compiler_options=ph.QUICK_COMPILE)(x, weights, w)
+    want, want_grads = jax.jit(values_and_grads(_dense),
+                               compiler_options=ph.QUICK_COMPILE)(x, weights, w)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(got)[~np.asarray(mask)])  # padding gets nothing
     assert ph.max_relative_error(got_grads, want_grads) < 1e-5
