@@ -6,9 +6,10 @@ r"""Generates text from a trained checkpoint, streaming it as it is decoded.
 
 `--checkpoint` takes a pretraining workdir (its `export/` params export is read) or the export
 directory itself; `--hf` a Hugging Face directory (config.json, safetensors, tokenizer.json).
-At the end it prints the decode speed in tokens/s (from the first generated token to the last, so
-compilation and prefill are not counted) and, with `--speculative`, the mean acceptance length:
-tokens per main-model pass, 1 + accepted drafts.
+At the end it prints the decode speed in tokens/s (streaming: from the first generated token to the
+last, so compilation and prefill are not counted; --nostream: a second, compiled run timed whole)
+and, with `--speculative`, the mean acceptance length: tokens per main-model pass, 1 + accepted
+drafts.
 A bad path or argument ends with one line `error: ...` and exit status 1.
 """
 
@@ -19,7 +20,7 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretraining workdir or its params export.")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory with tokenizer.json.")
@@ -33,6 +34,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = of
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
+_STREAM = flags.DEFINE_boolean(
+    "stream", True, "Print tokens as they are decoded (a host callback per step, which costs "
+    "time on a busy machine); --nostream prints at the end and times a second, compiled run.")
 
 
 class CheckpointNotFound(ValueError):
@@ -88,11 +92,12 @@ class _Streamer:
 
 
 def run(model, params, tokenizer, prompt: str, *, max_new_tokens: int, speculative: bool,
-        num_draft: int, sampling, seed: int) -> dict[str, float]:
-    """Generates with streaming; returns the measured figures.
+        num_draft: int, sampling, seed: int, stream: bool = True) -> dict[str, float]:
+    """Generates (streaming or not); returns the measured figures.
 
-    Decode speed counts the tokens after the first one (which the prefill produces) over the time
-    from its arrival to the end, so compilation and prefill are not in it.
+    Streaming: decode speed counts the tokens after the first one (which the prefill produces)
+    over the time from its arrival to the end, so compilation and prefill are not in it.
+    Not streaming: a first run compiles, a second is timed whole (prefill included).
     """
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
@@ -111,18 +116,27 @@ def run(model, params, tokenizer, prompt: str, *, max_new_tokens: int, speculati
         kwargs["num_draft"] = num_draft or None
     fn = speculative_generate if speculative else generate
     streamer = _Streamer(tokenizer)
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
+    if stream:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        kwargs["stream"] = streamer
+    else:
+        jax.block_until_ready(fn(model, params, prompts, lengths, **kwargs).tokens)
     start = time.perf_counter()
-    out = fn(model, params, prompts, lengths, stream=streamer, **kwargs)
+    out = fn(model, params, prompts, lengths, **kwargs)
     jax.block_until_ready(out.tokens)
     jax.effects_barrier()  # every streamed callback has run
     end = time.perf_counter()
+    if not stream:
+        sys.stdout.write(prompt)
     sys.stdout.write(tokenizer.decode(out.generated(0))[len(streamer.printed):] + "\n")
     generated = int(out.num_generated[0])
-    first = streamer.first_time or end
+    if stream and streamer.first_time is not None:
+        first, counted = streamer.first_time, generated - streamer.first_count
+    else:
+        first, counted = start, generated
     return {"tokens": generated, "first_token_s": first - start,
-            "tokens_per_s": (generated - streamer.first_count) / max(end - first, 1e-9),
+            "tokens_per_s": counted / max(end - first, 1e-9),
             "acceptance": out.acceptance_length()}
 
 
@@ -133,6 +147,7 @@ def main(argv: list[str]) -> None:
         sys.exit("error: give exactly one of --checkpoint DIR and --hf DIR")
     if _PROMPT.value is None:
         sys.exit("error: --prompt is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     from mimo_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
     from mimo_jax.convert.errors import CheckpointError as HFError  # pylint: disable=import-outside-toplevel
     from mimo_jax.data.errors import DataError  # pylint: disable=import-outside-toplevel
@@ -151,12 +166,16 @@ def main(argv: list[str]) -> None:
             model, params, tokenizer = load_hf(_HF.value, **overrides)
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value,
-                      sampling=sampling, seed=_SEED.value)
+                      sampling=sampling, seed=_SEED.value, stream=_STREAM.value)
     except (CheckpointNotFound, CheckpointError, HFError, ConfigError, DataError,
             ValueError) as err:
         sys.exit(f"error: {err}")
-    line = (f"{figures['tokens']} tokens; first after {figures['first_token_s']:.2f} s "
-            f"(compilation and prefill), then {figures['tokens_per_s']:.1f} tokens/s")
+    if _STREAM.value:
+        line = (f"{figures['tokens']} tokens; first after {figures['first_token_s']:.2f} s "
+                f"(compilation and prefill), then {figures['tokens_per_s']:.1f} tokens/s")
+    else:
+        line = (f"{figures['tokens']} tokens: {figures['tokens_per_s']:.1f} tokens/s "
+                "(prefill included, compilation not)")
     if _SPECULATIVE.value:
         line += f", mean acceptance length {figures['acceptance']:.2f}"
     print(line, file=sys.stderr)
