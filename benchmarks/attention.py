@@ -5,8 +5,10 @@
     python -m benchmarks.attention --backend tpu        # on a TPU: Pallas (Mosaic) vs the XLA paths
 
 Times forward and forward+backward (the vjp of all of q, k, v and the sinks) as the median of
-`--repeats` runs after a compile-and-warm-up run, at batch 1 with the model's head geometry
-(q/k head dim 192, v head dim 128, GQA) and the reference window W=129.
+`--repeats` runs after a compile-and-warm-up run (one run where a call takes over 20 s), at
+batch 1 with the model's head geometry (q/k head dim 192, v head dim 128, GQA) and the
+reference window W=129. The machine's load average is printed before and after: on a shared
+machine, read the table with it.
 
 FLOPs are counted the way MaxText counts sliding-window attention (`calculate_gemma2_tflops_...`):
 forward = 2 * B * T * min(W, T) * N * (Hqk + Hv) / 2 (its causal halving, applied to the window
@@ -17,6 +19,7 @@ too), forward+backward = 3 * forward. A sliding window really computes about twi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Callable
@@ -32,6 +35,13 @@ PEAK_TFLOPS = {
     "TPU v6 lite": 918.0, "TPU v6e": 918.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0,
     "NVIDIA A100": 312.0, "NVIDIA B200": 2250.0,
 }
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def maxtext_flops(b: int, t: int, n: int, qk_dim: int, v_dim: int, window: int | None,
@@ -50,9 +60,13 @@ def peak_tflops(device: jax.Device) -> float | None:
     return None
 
 
-def time_call(fn: Callable, args, repeats: int) -> float:
-    """Median seconds of `fn(*args)` after one compile-and-warm-up call."""
+def time_call(fn: Callable, args, repeats: int, long_call_s: float = 20.0) -> float:
+    """Median seconds of `fn(*args)` after one compile-and-warm-up call. A call slower than
+    `long_call_s` (the dense path at long T on CPU) is timed once more, not `repeats` times."""
+    start = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    if time.perf_counter() - start > long_call_s:
+        repeats = 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -97,6 +111,7 @@ def run(args) -> None:
     peak = peak_tflops(device)
     # CPU rates are far below a TFLOP/s.
     unit, scale = ("GFLOP/s", 1e9) if args.backend == "cpu" else ("TFLOP/s", 1e12)
+    print(f"load average before: {_load()}")
     print(f"device: {device.device_kind} ({jax.default_backend()}), dtype {dtype.name}, "
           f"B=1 N={args.heads} K={args.kv_heads} Hqk={args.qk_dim} Hv={args.v_dim} "
           f"W={args.window} chunk={args.chunk_size}, median of {args.repeats}")
@@ -134,6 +149,7 @@ def run(args) -> None:
                 first = times[impls[0]]
                 row.append(f"{100 * flops / first / 1e12 / peak:.1f}%")
             print("| " + " | ".join(row) + " |", flush=True)
+    print(f"load average after: {_load()}")
 
 
 def main() -> None:
