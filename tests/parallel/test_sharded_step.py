@@ -1,28 +1,31 @@
 """The whole model under every rule preset on 8 devices: loss and gradients of the sharded step
-equal the single-device step (1e-5 relative, float32), gradients come back in the parameters'
-rule shardings; and the remat policies give equal gradients.
+equal the single-device step (1e-5 relative, float32), and gradients come back in the parameters'
+rule shardings.
 
-The single-device reference uses the dense MoE dispatch and plain attention; the expert-parallel
-presets run `moe_impl="expert_parallel"` (all-to-all dispatch) and the context-parallel ones the
-halo/all-gather attention, so these also hold the parallel paths to the reference end to end
-(MTP shift and packed documents across shard borders included).
+The single-device reference uses the dense MoE dispatch, plain attention and no remat; the
+expert-parallel presets run `moe_impl="expert_parallel"` (all-to-all dispatch), the
+context-parallel ones the halo/all-gather attention (the MTP shift and packed documents cross
+shard borders), and each preset runs one of the remat policies, so every policy is held to the
+same gradients too.
 """
 
 import jax
 import pytest
 
 import parallel_helpers as ph
+from mimo_jax.config import REMAT_POLICIES
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import PRESETS, Parallelism, mesh_config_from_dict
 
+# preset -> (ICI axis sizes on 8 devices, remat policy)
 MESHES = {
-    "fsdp": "fsdp=8",
-    "fsdp_tp": "fsdp=4,tensor=2",
-    "fsdp_ep": "fsdp=2,expert=4",
-    "fsdp_cp": "fsdp=2,context=4",
-    "fsdp_ep_cp": "fsdp=2,expert=2,context=2",
-    "fsdp_tp_ep": "fsdp=2,expert=2,tensor=2",
-    "fsdp_tp_ep_cp": "expert=2,context=2,tensor=2",
+    "fsdp": ("fsdp=8", "save_dots"),
+    "fsdp_tp": ("fsdp=4,tensor=2", "save_dots_no_batch"),
+    "fsdp_ep": ("fsdp=2,expert=4", "none"),
+    "fsdp_tp_ep": ("fsdp=2,expert=2,tensor=2", "full"),
+    "fsdp_cp": ("fsdp=2,context=4", "full"),
+    "fsdp_ep_cp": ("fsdp=2,expert=2,context=2", "save_dots"),
+    "fsdp_tp_ep_cp": ("expert=2,context=2,tensor=2", "full"),
 }
 
 
@@ -50,21 +53,21 @@ def fixture_references():
     return get
 
 
-def test_every_preset_is_covered():
+def test_every_preset_and_remat_policy_is_covered():
     assert set(MESHES) == set(PRESETS)
+    assert {policy for _, policy in MESHES.values()} == set(REMAT_POLICIES)
 
 
 @pytest.mark.parametrize("preset", sorted(MESHES))
 def test_sharded_step_equals_single_device(preset, references):
     context_parallel = "cp" in preset
     params, batch, want_loss, want_grads = references(context_parallel)
-    parallelism = Parallelism.from_config(
-        mesh_config_from_dict(dict(ici=MESHES[preset], rules=preset)))
+    ici, remat_policy = MESHES[preset]
+    parallelism = Parallelism.from_config(mesh_config_from_dict(dict(ici=ici, rules=preset)))
     moe_impl = "expert_parallel" if "ep" in preset else "dense"
-    # The context-parallel presets also rematerialise each layer ("full", as the full model
-    # does), so the halo exchange and the expert all-to-all run again in the backward pass.
-    overrides = dict(remat_policy="full") if context_parallel else ph.SMALL
-    model = MiMoV2Flash(ph.parallel_model_config(moe_impl=moe_impl, **overrides))
+    overrides = {} if context_parallel else dict(ph.SMALL)
+    model = MiMoV2Flash(ph.parallel_model_config(moe_impl=moe_impl, remat_policy=remat_policy,
+                                                 **overrides))
     _, param_shardings = parallelism.param_shardings(model)
     batch_shardings = parallelism.batch_shardings(batch)
     step = parallelism.jit(jax.value_and_grad(lambda p, b: ph.objective(model, p, b)),
@@ -77,18 +80,3 @@ def test_sharded_step_equals_single_device(preset, references):
     assert ph.max_relative_error(grads, want_grads) < 1e-5
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(param_shardings)):
         assert got.sharding.is_equivalent_to(want, got.ndim)
-
-
-def test_remat_policies_give_equal_gradients():
-    policies = ("none", "full", "save_dots", "save_dots_no_batch")
-    models = [MiMoV2Flash(ph.parallel_model_config(moe_impl="dense", remat_policy=policy,
-                                                   **ph.SMALL)) for policy in policies]
-    params, batch = ph.random_params(models[0]), ph.packed_batch()
-    # One program holding the four differentiated models: one compile.
-    results = jax.jit(lambda p, b: [jax.value_and_grad(
-        lambda p, m=m: ph.objective(m, p, b))(p) for m in models],
-        compiler_options=ph.QUICK_COMPILE)(params, batch)
-    (want_loss, want_grads) = results[0]
-    for policy, (loss, grads) in zip(policies, results):
-        assert abs(float(loss) - float(want_loss)) <= 1e-6 * float(want_loss), policy
-        assert ph.max_relative_error(grads, want_grads) < 1e-6, policy
