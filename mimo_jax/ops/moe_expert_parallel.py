@@ -180,6 +180,8 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     expert_start = _exclusive_cumsum(jnp.sum(incoming, axis=0))  # [E/P]
     receive_offsets = expert_start[None, :] + _exclusive_cumsum(incoming, axis=0)  # [P, E/P]
     accepted = jnp.clip(capacity - receive_offsets, 0, incoming).astype(jnp.int32)
+    # Slices that got nothing keep an offset inside the buffer (their size is 0 anyway).
+    receive_offsets = jnp.minimum(receive_offsets, capacity).astype(jnp.int32)
     group_sizes = jnp.sum(accepted, axis=0).astype(jnp.int32)  # [E/P]
     # The senders learn where their slices go and how much of each is accepted.
     send_sizes = jax.lax.all_to_all(accepted.reshape(-1), axis, 0, 0, tiled=True)
