@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = "bfloat16"
     model.attention_impl = "auto"
     model.attention_chunk_size = 128
-    model.moe_impl = "ragged"
+    model.moe_impl = "expert_parallel"  # falls back to ragged when experts are not split
     model.scan_layers = True
     model.remat_policy = "full"
 
@@ -80,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.adam_eps = 1e-8
     train.weight_decay = 0.1
     train.clip_norm = 1.0
-    train.grad_accum_steps = 1
+    train.grad_accum_steps = 16  # 2048 x 32k tokens a step, in 16 micro-batches
     train.mtp_loss_weight = 0.3
     train.balance_loss_weight = 1e-5
     train.bias_update_rate = 1e-3
