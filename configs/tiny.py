@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat_policy = "none"
 
     # A few minutes on 2 CPU cores: the embedded stdlib corpus in pieces of at most 2 KB (so every
-    # batch mixes many files), short rows, warm-up then cosine, ~200k tokens in all.
+    # batch mixes many files), short rows, warm-up then cosine, ~150k tokens in all.
     data = config.data
     data.seq_len = 128
     data.batch_size = 8
@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.tokenizer_train_bytes = 4_000_000
     data.num_workers = 0  # tokenising in-process is fast enough for this batch
     train = config.train
-    train.steps = 200
+    train.steps = 150
+    train.grad_accum_steps = 1
     train.learning_rate = 3e-3
     train.end_learning_rate = 3e-4
     train.warmup_fraction = 0.05

@@ -16,6 +16,7 @@ Stops:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import pathlib
@@ -223,8 +224,8 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
             eval_cache.extend(pipeline.eval_batches(data_cfg, eval_sources, tokenizer,
                                                     model_cfg.vocab_size, shard))
         sums = counts = 0.0
-        for batch in eval_cache:
-            out = eval_step(params, partition.global_batch(batch, parallelism))
+        for eval_batch in eval_cache:
+            out = eval_step(params, partition.global_batch(eval_batch, parallelism))
             sums, counts = sums + out["sums"], counts + out["counts"]
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         means = sums / np.maximum(counts, 1.0)
@@ -256,7 +257,10 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                 progress.message(f"step 0: eval loss {first['loss']:.4f}")
         step = start
         consecutive_bad = 0
-        timer_start, timer_tokens = None, 0
+        # tokens/s over the last `log_every` steps, timing only training: each interval runs from
+        # the end of the previous step's bookkeeping (evals and saves excluded) to the metrics.
+        window: collections.deque = collections.deque(maxlen=train_cfg.log_every)
+        interval_start, compiled = time.perf_counter(), False
         while step < train_cfg.steps:
             state, metrics = train_step(state, partition.global_batch(batch, parallelism),
                                         np.float32(schedule(step)))
@@ -271,12 +275,11 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                 raise DataError(f"reading training batch {step + 1} failed ({err}); "
                                 f"checkpoint saved at step {step}") from err
             values = jax.device_get(metrics)
-            now = time.perf_counter()
-            if timer_start is None:  # the first step includes compilation
-                timer_start, timer_tokens, speed = now, 0, None
-            else:
-                timer_tokens += int(values["tokens"])
-                speed = timer_tokens / max(now - timer_start, 1e-9)
+            if compiled:  # the first step's interval is mostly compilation
+                window.append((int(values["tokens"]), time.perf_counter() - interval_start))
+            compiled = True
+            speed = (sum(t for t, _ in window) / max(sum(s for _, s in window), 1e-9)
+                     if window else None)
             finite = bool(values["finite"])
             consecutive_bad = 0 if finite else consecutive_bad + 1
             result.skipped_steps += not finite
@@ -316,6 +319,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                     writer.write(step, "eval", evaluated)
                     progress.message(f"step {step}: eval loss {evaluated['loss']:.4f} "
                                      f"perplexity {evaluated['perplexity']:.2f}")
+            interval_start = time.perf_counter()
         final = evaluate(state.params)
         if final is not None:
             writer.write(step, "eval", final)
