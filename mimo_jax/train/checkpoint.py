@@ -3,7 +3,8 @@
 A checkpoint at step N holds three items:
   state  the `TrainState` (params with the router biases, optimizer state, step, RNG key)
   data   the Grain iterator state after the N-th batch, as JSON
-  meta   what the checkpoint was written for: the model architecture, the tokenizer fingerprint
+  meta   what the checkpoint was written for: the model architecture, the tokenizer fingerprint,
+         the settings that shape the data stream (its saved position means nothing in another)
 Orbax writes each step into a temporary directory and renames it when complete, so a checkpoint
 half-written when the process died is never listed; `cleanup_tmp_directories` removes the debris on
 the next start, and the run resumes from the last complete step.
@@ -100,6 +101,14 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} was trained with tokenizer "
                                   f"{saved.get('tokenizer')!r}, this run has "
                                   f"{meta.get('tokenizer')!r}")
+        stream_a, stream_b = saved.get("data_stream", {}), meta.get("data_stream", {})
+        changed = [f"data.{k}: checkpoint={stream_a.get(k)!r} run={stream_b.get(k)!r}"
+                   for k in sorted(set(stream_a) | set(stream_b))
+                   if stream_a.get(k) != stream_b.get(k)]
+        if changed:
+            raise CheckpointError(f"checkpoint {where} saved the position of a different data "
+                                  "stream, so it cannot resume this one: " + "; ".join(changed)
+                                  + " (restore those values, or train in a new --workdir)")
 
     def _restore(self, step: int, **items: Any) -> Any:
         try:

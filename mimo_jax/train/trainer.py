@@ -35,7 +35,8 @@ from mimo_jax.data.errors import DataError
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
 from mimo_jax.train import partition
-from mimo_jax.train.checkpoint import (EXPORT_DIR, Checkpointer, architecture, export_params)
+from mimo_jax.train.checkpoint import (EXPORT_DIR, CheckpointError, Checkpointer, architecture,
+                                       export_params)
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.metrics import TENSORBOARD_DIR, MetricsWriter, Progress
 from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -112,6 +113,16 @@ class _Batches:
             close()
 
 
+def _data_stream(config: DataConfig, shard: pipeline.ProcessShard) -> dict[str, Any]:
+    """The data settings a saved iterator position depends on (JSON-ready)."""
+    keys = ("seq_len", "batch_size", "shuffle", "seed", "num_workers", "max_document_bytes",
+            "text_document", "jsonl_field", "add_eos", "seqio_split", "seqio_feature")
+    stream = {k: getattr(config, k) for k in keys}
+    stream["train_sources"] = ",".join(str(s) for s in config.train_sources)
+    stream["process_count"] = shard.count
+    return stream
+
+
 def _abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
@@ -145,14 +156,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
     checkpointer = Checkpointer(workdir, train_cfg)
     meta = {"architecture": architecture(model_cfg),
-            "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None}
+            "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None,
+            "data_stream": _data_stream(data_cfg, shard)}
     start = checkpointer.latest_step() or 0
     data_state = None
     if start:
         checkpointer.check(start, meta)
         data_state = checkpointer.restore_data_state(start)
-    batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
-                                              model_cfg.vocab_size, shard), data_state)
+    try:
+        batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
+                                                  model_cfg.vocab_size, shard), data_state)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        if isinstance(err, DataError) or data_state is None:
+            raise
+        raise CheckpointError(f"the data position saved in checkpoint "
+                              f"{checkpointer.directory / str(start)} does not fit this data "
+                              f"pipeline: {type(err).__name__}: {err}") from err
     try:
         # The first batch before any compilation: bad data fails in seconds.
         batch = batches.next() if start < train_cfg.steps else None

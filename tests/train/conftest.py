@@ -25,7 +25,7 @@ MICRO_TRAIN = {
     "train.steps": 12, "train.learning_rate": 3e-3, "train.warmup_fraction": 0.2,
     "train.decay_start_fraction": 0.5, "train.log_every": 1, "train.eval_every": 6,
     "train.checkpoint_every": 3, "train.keep_last": 10, "train.progress": "log",
-    "train.tensorboard": False, "train.num_devices": 1,
+    "train.tensorboard": True, "train.num_devices": 1,
 }
 
 

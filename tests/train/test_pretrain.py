@@ -92,8 +92,11 @@ def fixture_runs(tmp_path_factory, corpus_dir, env, micro):
     root = tmp_path_factory.mktemp("runs")
     overrides = micro.overrides(corpus_dir, **{"train.steps": STEPS, "train.eval_every": 12})
     straight = root / "straight"
-    code, stdout, stderr = finish(start(straight, overrides, env, micro))
+    # Retention only changes which checkpoints are deleted: keep the newest 2 and every 6th.
+    code, stdout, stderr = finish(start(straight, dict(overrides, **{
+        "train.keep_last": 2, "train.keep_every": 6}), env, micro))
     assert code == 0, stderr[-3000:]
+    assert checkpoint_steps(straight) == [6, 12, 18, 21, 24]
 
     resumed = root / "resumed"
     process = start(resumed, overrides, env, micro)
@@ -152,6 +155,20 @@ def test_run_learns_and_reports_where_things_are(runs):
         assert name.split("/")[0] in stdout
     config = json.loads((resumed / "config.json").read_text())
     assert config["train"]["steps"] == STEPS and config["model"]["hidden_size"] == 32
+    assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_plot_command(runs, tmp_path):
+    _, resumed, _ = runs
+    result = subprocess.run([sys.executable, "-m", "mimo_jax.train.plot", f"--workdir={resumed}",
+                             f"--out={tmp_path / 'curves.png'}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = subprocess.run([sys.executable, "-m", "mimo_jax.train.plot",
+                             f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 1 and "no metrics in" in result.stderr
 
 
 def test_checkpoint_of_another_model_is_refused(runs, micro, corpus_dir):
@@ -163,6 +180,32 @@ def test_checkpoint_of_another_model_is_refused(runs, micro, corpus_dir):
                                               "model.hidden_size: checkpoint=32 run=48"):
         trainer.run(config, straight, log=lambda _: None)
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == before
+
+
+def test_changed_data_stream_is_refused(runs, micro, corpus_dir):
+    straight, _, _ = runs
+    config = micro.build_config(micro.overrides(corpus_dir, **{
+        "train.steps": STEPS, "data.seed": 5}))
+    with pytest.raises(CheckpointError, match="different data stream.*data.seed: checkpoint=0 "
+                                              "run=5"):
+        trainer.run(config, straight, log=lambda _: None)
+
+
+def test_damaged_checkpoint_is_named(runs, micro, corpus_dir, tmp_path):
+    straight, _, _ = runs
+    shutil.copytree(straight, tmp_path / "copy")
+    for blob in (tmp_path / "copy" / "checkpoints" / "24" / "state").rglob("d/*"):
+        blob.unlink()
+    config = micro.build_config(micro.overrides(corpus_dir, **{"train.steps": 30}))
+    with pytest.raises(CheckpointError, match="checkpoint .*/copy/checkpoints/24 cannot be "
+                                              "restored"):
+        trainer.run(config, tmp_path / "copy", log=lambda _: None)
+
+
+def test_bf16_compute_keeps_f32_weights(micro, corpus_dir):
+    configs = trainer.build_configs(micro.build_config(micro.overrides(corpus_dir, **{
+        "train.compute_dtype": "bfloat16"})))
+    assert (configs.model.dtype, configs.model.param_dtype) == ("bfloat16", "float32")
 
 
 def test_bad_inputs_fail_before_training(tmp_path, micro, corpus_dir):
