@@ -39,7 +39,7 @@ def small_model_config(**overrides) -> ModelConfig:
     return dataclasses.replace(config, **overrides).validate() if overrides else config
 
 
-@pytest.fixture(name="small_config")
+@pytest.fixture(name="small_config", scope="session")
 def fixture_small_config():
     """The factory `small_model_config` as a fixture."""
     return small_model_config

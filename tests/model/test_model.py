@@ -12,9 +12,8 @@ from mimo_jax.model.transformer import MiMoV2Flash, init_params
 
 
 @pytest.fixture(scope="module", name="model_and_params")
-def fixture_model_and_params():
-    from conftest import small_model_config  # pylint: disable=import-outside-toplevel
-    config = small_model_config()
+def fixture_model_and_params(small_config):
+    config = small_config()
     model = MiMoV2Flash(config)
     params = init_params(model, jax.random.PRNGKey(0))
     # Give the correction bias and sinks non-trivial values so the tests exercise them.
