@@ -4,7 +4,7 @@ r"""Converts text (or a seqio Task) into ArrayRecord shards of token ids for lar
         --output_dir=/data/shards --tokenizer=/path/tokenizer.json
 
 Each record is one document's ids as little-endian int32 (end-of-text appended for text input).
-The output directory gets `tokens-XXXXX-of-YYYYY.array_record`, the `tokenizer.json` used, and
+The output directory gets `tokens-00000-of-00008.array_record`, the `tokenizer.json` used, and
 `metadata.json`, written last: a directory without it is an interrupted conversion, and a
 training run refuses it. Train on it with `--config.data.train_sources=array_record:/data/shards`.
 """
