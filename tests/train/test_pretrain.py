@@ -86,10 +86,8 @@ def checkpoint_steps(workdir):
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-@pytest.fixture(scope="module", name="runs")
-def fixture_runs(tmp_path_factory, corpus_dir, env, micro):
+def straight_and_interrupted_runs(root, corpus_dir, env, micro):
     """The straight run and the interrupted one, both finished."""
-    root = tmp_path_factory.mktemp("runs")
     overrides = micro.overrides(corpus_dir, **{"train.steps": STEPS, "train.eval_every": 12})
     straight = root / "straight"
     # Retention only changes which checkpoints are deleted: keep the newest 2 and every 6th.
@@ -128,8 +126,7 @@ def fixture_runs(tmp_path_factory, corpus_dir, env, micro):
     return straight, resumed, stdout
 
 
-def test_resume_is_exact(runs):
-    straight, resumed, _ = runs
+def check_resume_is_exact(straight, resumed):
     a, b = records(straight), records(resumed)
     assert [r["step"] for r in a] == list(range(1, STEPS + 1)) == [r["step"] for r in b]
     for x, y in zip(a, b):
@@ -144,8 +141,7 @@ def test_resume_is_exact(runs):
         np.testing.assert_array_equal(x, y)
 
 
-def test_run_learns_and_reports_where_things_are(runs):
-    _, resumed, stdout = runs
+def check_run_learns_and_reports_where_things_are(resumed, stdout):
     evals = records(resumed, "eval")
     assert [r["step"] for r in evals] == [0, 12, 24]
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.3
@@ -158,21 +154,19 @@ def test_run_learns_and_reports_where_things_are(runs):
     assert list((resumed / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_plot_command(runs, tmp_path):
-    _, resumed, _ = runs
+def check_plot_command(resumed, directory):
     result = subprocess.run([sys.executable, "-m", "mimo_jax.train.plot", f"--workdir={resumed}",
-                             f"--out={tmp_path / 'curves.png'}"], cwd=REPO, capture_output=True,
+                             f"--out={directory / 'curves.png'}"], cwd=REPO, capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (directory / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = subprocess.run([sys.executable, "-m", "mimo_jax.train.plot",
-                             f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                             f"--workdir={directory}"], cwd=REPO, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 1 and "no metrics in" in result.stderr
 
 
-def test_checkpoint_of_another_model_is_refused(runs, micro, corpus_dir):
-    straight, _, _ = runs
+def check_checkpoint_of_another_model_is_refused(straight, micro, corpus_dir):
     before = sorted(p.name for p in (straight / "checkpoints").iterdir())
     config = micro.build_config(micro.overrides(corpus_dir, **{
         "train.steps": STEPS, "model.hidden_size": 48}))
@@ -182,8 +176,7 @@ def test_checkpoint_of_another_model_is_refused(runs, micro, corpus_dir):
     assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == before
 
 
-def test_changed_data_stream_is_refused(runs, micro, corpus_dir):
-    straight, _, _ = runs
+def check_changed_data_stream_is_refused(straight, micro, corpus_dir):
     config = micro.build_config(micro.overrides(corpus_dir, **{
         "train.steps": STEPS, "data.seed": 5}))
     with pytest.raises(CheckpointError, match="different data stream.*data.seed: checkpoint=0 "
@@ -191,15 +184,14 @@ def test_changed_data_stream_is_refused(runs, micro, corpus_dir):
         trainer.run(config, straight, log=lambda _: None)
 
 
-def test_damaged_checkpoint_is_named(runs, micro, corpus_dir, tmp_path):
-    straight, _, _ = runs
-    shutil.copytree(straight, tmp_path / "copy")
-    for blob in (tmp_path / "copy" / "checkpoints" / "24" / "state").rglob("d/*"):
+def check_damaged_checkpoint_is_named(straight, micro, corpus_dir, directory):
+    shutil.copytree(straight, directory / "copy")
+    for blob in (directory / "copy" / "checkpoints" / "24" / "state").rglob("d/*"):
         blob.unlink()
     config = micro.build_config(micro.overrides(corpus_dir, **{"train.steps": 30}))
     with pytest.raises(CheckpointError, match="checkpoint .*/copy/checkpoints/24 cannot be "
                                               "restored"):
-        trainer.run(config, tmp_path / "copy", log=lambda _: None)
+        trainer.run(config, directory / "copy", log=lambda _: None)
 
 
 def test_bf16_compute_keeps_f32_weights(micro, corpus_dir):
@@ -242,32 +234,48 @@ def test_cli_error_is_one_line(tmp_path, env, micro, corpus_dir):
         f"error: text data path '{tmp_path}/x/*.py' matches no files")
 
 
-def test_bad_token_mid_run_keeps_the_trained_steps(tmp_path, env, micro, corpus_dir, runs):
-    del runs  # runs first: its compiled program is in the shared cache
+def check_bad_token_mid_run_keeps_the_trained_steps(directory, env, micro, corpus_dir):
     documents = [np.full(16, 5 + i, np.int32) for i in range(40)]
     documents[30][3] = 999  # outside the 320-id vocabulary; in the 4th batch of 8 documents
-    write_shards(iter(documents), tmp_path / "shards", 8, {"vocab_size": 320})
+    write_shards(iter(documents), directory / "shards", 8, {"vocab_size": 320})
     overrides = micro.overrides(corpus_dir, **{
         "train.steps": STEPS, "train.eval_every": 12, "data.shuffle": False,
-        "data.train_sources": f"array_record:{tmp_path / 'shards'}"})
-    code, _, stderr = finish(start(tmp_path / "wd", overrides, env, micro))
+        "data.train_sources": f"array_record:{directory / 'shards'}"})
+    code, _, stderr = finish(start(directory / "wd", overrides, env, micro))
     assert code == 1
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: reading training batch 4 failed") and "token id 999" in last
     assert last.endswith("checkpoint saved at step 3")
-    assert checkpoint_steps(tmp_path / "wd") == [3]
+    assert checkpoint_steps(directory / "wd") == [3]
 
 
-def test_non_finite_losses_stop_the_run(tmp_path, env, micro, corpus_dir):
+def check_non_finite_losses_stop_the_run(directory, env, micro, corpus_dir):
     overrides = micro.overrides(corpus_dir, **{
         "train.steps": STEPS, "train.eval_every": 0, "train.learning_rate": 1e30,
         "train.warmup_fraction": 0.0, "train.checkpoint_every": 1, "train.max_nan_steps": 3})
-    code, _, stderr = finish(start(tmp_path / "wd", overrides, env, micro))
+    code, _, stderr = finish(start(directory / "wd", overrides, env, micro))
     assert code == 1
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: 3 non-finite steps in a row"), stderr[-2000:]
-    skipped = [r for r in records(tmp_path / "wd") if r["skipped"]]
+    skipped = [r for r in records(directory / "wd") if r["skipped"]]
     assert len(skipped) == 3
     good = skipped[0]["step"] - 1
-    assert checkpoint_steps(tmp_path / "wd")[-1] == good  # nothing saved after the first NaN
-    assert last.endswith(f"Last good checkpoint: {tmp_path / 'wd' / 'checkpoints' / str(good)}")
+    assert checkpoint_steps(directory / "wd")[-1] == good  # nothing saved after the first NaN
+    assert last.endswith(f"Last good checkpoint: {directory / 'wd' / 'checkpoints' / str(good)}")
+
+
+def test_pretrain_end_to_end(tmp_path, env, micro, corpus_dir):
+    """Everything that needs the compiled micro-model program, in one test function: the first
+    process compiles it into the shared cache and every later one loads it (pytest-xdist would
+    otherwise compile it once per worker)."""
+    straight, resumed, stdout = straight_and_interrupted_runs(tmp_path / "runs", corpus_dir, env,
+                                                              micro)
+    check_resume_is_exact(straight, resumed)
+    check_run_learns_and_reports_where_things_are(resumed, stdout)
+    check_plot_command(resumed, tmp_path / "plot")
+    check_checkpoint_of_another_model_is_refused(straight, micro, corpus_dir)
+    check_changed_data_stream_is_refused(straight, micro, corpus_dir)
+    check_damaged_checkpoint_is_named(straight, micro, corpus_dir, tmp_path / "damaged")
+    check_bad_token_mid_run_keeps_the_trained_steps(tmp_path / "bad_token", env, micro,
+                                                    corpus_dir)
+    check_non_finite_losses_stop_the_run(tmp_path / "nan", env, micro, corpus_dir)

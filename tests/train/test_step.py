@@ -58,7 +58,7 @@ def step_fn(setup, accum):
     return _STEPS[accum]
 
 
-def test_grad_accumulation_equals_one_batch(setup):
+def check_grad_accumulation_equals_one_batch(setup):
     _, _, _, _, state, batch = setup
     one, metrics_one = step_fn(setup, 1)(state, batch)
     two, metrics_two = step_fn(setup, 2)(state, batch)
@@ -71,7 +71,7 @@ def test_grad_accumulation_equals_one_batch(setup):
     assert max(jax.tree.leaves(moved)) > 1e-4  # the step did something
 
 
-def test_non_finite_step_is_skipped(setup):
+def check_non_finite_step_is_skipped(setup):
     _, _, _, _, state, batch = setup
     poisoned = jax.tree.map(lambda x: x, state.params)
     token = int(batch["tokens"][0, 0])
@@ -85,7 +85,7 @@ def test_non_finite_step_is_skipped(setup):
         np.testing.assert_array_equal(a, b)
 
 
-def test_router_bias_follows_the_rule_only(setup):
+def check_router_bias_follows_the_rule_only(setup):
     model_config, _, train_config, _, state, batch = setup
     new_state, metrics = step_fn(setup, 1)(state, batch)
     load = metrics["expert_load"]  # [MoE layers, experts], real tokens only
@@ -95,3 +95,11 @@ def test_router_bias_follows_the_rule_only(setup):
     want = update_correction_bias(before, load, train_config.bias_update_rate)
     np.testing.assert_allclose(after, want, atol=1e-7)  # no Adam, no weight decay on it
     assert float(jnp.abs(after - before).max()) == pytest.approx(0.01)
+
+
+def test_train_step(setup):
+    """One test function, so that the step variants compile once even when pytest-xdist spreads
+    tests over workers."""
+    check_grad_accumulation_equals_one_batch(setup)
+    check_non_finite_step_is_skipped(setup)
+    check_router_bias_follows_the_rule_only(setup)
