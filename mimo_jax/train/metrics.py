@@ -100,16 +100,17 @@ class Progress:
             self._bar = tqdm(total=total_steps, initial=start_step, file=stream,
                              dynamic_ncols=True, unit="step")
 
-    def update(self, step: int, loss: float, tokens_per_sec: float | None,
-               extra: str = "") -> None:
-        """Called after each step with that step's loss (step is 1-based: steps done)."""
+    def update(self, step: int, loss: float, cross_entropy: float,
+               tokens_per_sec: float | None) -> None:
+        """Called after each step (`step` counts steps done) with the objective and its
+        next-token cross-entropy, the number comparable with the eval loss."""
         speed = f"{tokens_per_sec:,.0f}" if tokens_per_sec else "-"
+        text = f"loss {loss:.4f}  ce {cross_entropy:.4f}  tok/s {speed}"
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix_str(f"loss {loss:.4f} tok/s {speed}{extra}", refresh=False)
+            self._bar.set_postfix_str(text, refresh=False)
         elif self.mode == "log" and (step % self._log_every == 0 or step == self._total):
-            print(f"step {step}/{self._total}  loss {loss:.4f}  tok/s {speed}{extra}",
-                  flush=True)
+            print(f"step {step}/{self._total}  {text}", flush=True)
 
     def message(self, text: str) -> None:
         """A line that does not break the bar."""

@@ -57,7 +57,10 @@ def main(argv: list[str]) -> None:
     from mimo_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
 
     stop = _StopFlag()
-    signal.signal(signal.SIGTERM, stop)
+    if jax.process_count() == 1:
+        # Multi-host runs leave SIGTERM to JAX's preemption service, which makes every process
+        # save at the same step (the trainer asks it after each step).
+        signal.signal(signal.SIGTERM, stop)
     try:
         result = trainer.run(_CONFIG.value, _WORKDIR.value, stop_requested=lambda: stop.requested)
     except (ConfigError, DataError, CheckpointError, trainer.TrainingStopped) as err:

@@ -307,7 +307,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
             record.update(tokens_per_sec=speed, skipped=not finite)
             if step % train_cfg.log_every == 0 or step == train_cfg.steps or not finite:
                 writer.write(step, "train", record)
-            progress.update(step, float(values["loss"]), speed)
+            progress.update(step, float(values["loss"]), float(values["ce"]), speed)
             result.step = step
             if not finite:
                 progress.message(f"step {step}: non-finite loss {float(values['loss'])} or "
@@ -325,7 +325,10 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
             if consecutive_bad == 0 and (step % train_cfg.checkpoint_every == 0
                                          or step == train_cfg.steps):
                 save(step, data_state_now, state)
-            if stop_requested():
+            # Multi-host: the processes must agree on the step to save at; JAX's preemption
+            # service (started by jax.distributed.initialize) does that.
+            if stop_requested() or (jax.process_count() > 1
+                                    and checkpointer.manager.reached_preemption(step)):
                 save(step, data_state_now, state)
                 checkpointer.wait()
                 progress.message(f"stop requested: checkpoint saved at step {step}")
