@@ -13,7 +13,8 @@ generated repetitive code that `--write_corpus` produces:
     python benchmarks/decode.py --write_corpus /tmp/rep_code
     python -m mimo_jax.train.pretrain --config configs/tiny.py --workdir /tmp/mimo_mtp3 \
         --config.model.num_mtp_heads=3 --config.data.train_sources=text:/tmp/rep_code/train \
-        --config.data.eval_sources=text:/tmp/rep_code/eval
+        --config.data.eval_sources=text:/tmp/rep_code/eval --config.data.seq_len=128 \
+        --config.data.batch_size=8 --config.train.steps=500
     python benchmarks/decode.py --checkpoint /tmp/mimo_mtp3 --prompts /tmp/rep_code/eval
 
 Without --checkpoint only the KV-cache table is printed.
