@@ -247,7 +247,7 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
 
 
 # ----------------------------------------------------------------------------------------------
-# Backward: dq (grid over query blocks) and dk/dv (grid over key blocks, looping over the group)
+# Backward: dq (grid over query blocks) and dk/dv (grid over key blocks), G heads per step
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
