@@ -16,54 +16,9 @@ import pytest
 from mimo_jax.ops import attention as attention_ops
 from mimo_jax.ops import swa_pallas
 from mimo_jax.ops.swa_pallas_common import BlockPlan
+from attention_inputs import output_and_grads, random_inputs, relative_error
 
 BACKENDS = ("tpu", "gpu")
-
-
-@pytest.fixture(name="seed")
-def fixture_seed() -> int:
-    return int(np.random.SeedSequence().entropy % (2 ** 31))
-
-
-def random_inputs(seed: int, b: int, t: int, n: int, k: int, h: int, v: int, dtype=jnp.float32,
-                  segments: bool = True):
-    """q, k, v, sinks, segment_ids (packed documents then padding, or None), output cotangent."""
-    rng = np.random.default_rng(seed)  # host draws: no per-shape compile of a random kernel
-
-    def normal(*shape, dtype=jnp.float32):
-        return jnp.asarray(rng.standard_normal(shape), dtype)
-
-    q = normal(b, t, n, h, dtype=dtype)
-    key = normal(b, t, k, h, dtype=dtype)
-    value = normal(b, t, k, v, dtype=dtype)
-    sinks = normal(n)
-    cotangent = normal(b, t, n, v)
-    segment_ids = None
-    if segments:
-        rows = []
-        for _ in range(b):
-            row, doc = [], 1
-            real = int(rng.integers(t * 3 // 4, t))  # the tail after `real` is padding
-            while len(row) < real:
-                row += [doc] * int(rng.integers(1, max(2, t // 3)))
-                doc += 1
-            rows.append(row[:real] + [0] * (t - real))
-        segment_ids = jnp.asarray(rows, jnp.int32)
-    return q, key, value, sinks, segment_ids, cotangent
-
-
-def relative_error(actual, expected) -> float:
-    actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
-
-
-def output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent):
-    """fn's output and the gradients (q, k, v, sinks) of <output, cotangent>, in one jit."""
-    @jax.jit
-    def run(q_, k_, v_, s_, segments, cot):
-        out, pullback = jax.vjp(lambda *args: fn(*args, segments), q_, k_, v_, s_)
-        return out, pullback(cot.astype(out.dtype))
-    return run(q, k, v, sinks, segment_ids, cotangent)
 
 
 def flash(backend: str, window, **blocks):

@@ -1,0 +1,49 @@
+"""Random attention inputs and the value-and-gradient check shared by the attention tests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_inputs(seed: int, b: int, t: int, n: int, k: int, h: int, v: int, dtype=jnp.float32,
+                  segments: bool = True):
+    """q, k, v, sinks, segment_ids (packed documents then a padding tail, or None), cotangent."""
+    rng = np.random.default_rng(seed)  # host draws: no per-shape compile of a random kernel
+
+    def normal(*shape, dtype=jnp.float32):
+        return jnp.asarray(rng.standard_normal(shape), dtype)
+
+    q = normal(b, t, n, h, dtype=dtype)
+    key = normal(b, t, k, h, dtype=dtype)
+    value = normal(b, t, k, v, dtype=dtype)
+    sinks = normal(n)
+    cotangent = normal(b, t, n, v)
+    segment_ids = packed_segments(rng, b, t) if segments else None
+    return q, key, value, sinks, segment_ids, cotangent
+
+
+def packed_segments(rng: np.random.Generator, b: int, t: int) -> jax.Array:
+    """Each row: documents of random lengths with ids 1, 2, ..., then 0s (padding) at the end."""
+    rows = []
+    for _ in range(b):
+        row, doc = [], 1
+        real = int(rng.integers(t * 3 // 4, t))  # the rest is padding
+        while len(row) < real:
+            row += [doc] * int(rng.integers(1, max(2, t // 3)))
+            doc += 1
+        rows.append(row[:real] + [0] * (t - real))
+    return jnp.asarray(rows, jnp.int32)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+
+
+def output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent):
+    """fn's output and the gradients (q, k, v, sinks) of <output, cotangent>, in one jit."""
+    @jax.jit
+    def run(q_, k_, v_, s_, segments, cot):
+        out, pullback = jax.vjp(lambda *args: fn(*args, segments), q_, k_, v_, s_)
+        return out, pullback(cot.astype(out.dtype))
+    return run(q, k, v, sinks, segment_ids, cotangent)
