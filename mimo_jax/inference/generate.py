@@ -99,6 +99,25 @@ class _State:
     rng: jax.Array
 
 
+def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
+                     lengths: jax.Array, buffer_length: int, sampling: SamplingConfig, *,
+                     max_new_tokens: int, stop_tokens: jax.Array, stream: StreamFn | None):
+    """Samples each row's first token from the prefill logits and writes it after the prompt.
+
+    prompts: [B, T] right-padded; lengths: [B]; last_logits: [B, V]. Returns the token buffer
+    [B, buffer_length], tokens committed per row [B], rows done [B] and the remaining rng.
+    """
+    b, t = prompts.shape
+    rng, first_rng = jax.random.split(rng)
+    first = sample(first_rng, last_logits, sampling)[:, None]
+    count, done = commit_count(first, jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
+                               jnp.zeros((b,), bool), max_new_tokens=max_new_tokens,
+                               stop_tokens=stop_tokens)
+    stream_step(stream, first, count)
+    buffer = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, buffer_length - t)))
+    return decode.write_rows(buffer, lengths, first, count), count, done, rng
+
+
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
@@ -109,14 +128,10 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
     cache = kv_cache.init_cache(config, b, total, num_mtp_heads=0)
     last_logits, _, cache = decode.prefill(model, params, prompts, lengths, cache,
                                            chunk_size=prefill_chunk)
-    rng, first_rng = jax.random.split(rng)
-    first = sample(first_rng, last_logits, sampling)[:, None]
+    buffer, count, done, rng = start_generation(
+        rng, last_logits, prompts, lengths, total, sampling, max_new_tokens=max_new_tokens,
+        stop_tokens=stops, stream=stream)
     zeros = jnp.zeros((b,), jnp.int32)
-    count, done = commit_count(first, jnp.ones((b,), jnp.int32), zeros, jnp.zeros((b,), bool),
-                               max_new_tokens=max_new_tokens, stop_tokens=stops)
-    stream_step(stream, first, count)
-    buffer = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, max_new_tokens)))
-    buffer = decode.write_rows(buffer, lengths, first, count)
     state = _State(tokens=buffer, frontier=lengths - 1 + count, generated=count, done=done,
                    steps=zeros, cache=cache, rng=rng)
 

@@ -36,7 +36,8 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.inference import cache as kv_cache
 from mimo_jax.inference import decode
 from mimo_jax.inference.generate import (Generation, StreamFn, check_generation_args,
-                                         commit_count, stop_array, stream_step)
+                                         commit_count, start_generation, stop_array,
+                                         stream_step)
 from mimo_jax.inference.sampling import (SamplingConfig, probabilities, sample,
                                          sample_from_probs)
 from mimo_jax.model.transformer import MiMoV2Flash
@@ -133,14 +134,10 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
     last_logits, hidden, cache = decode.prefill(model, params, prompts, lengths, cache,
                                                 chunk_size=prefill_chunk, mtp_heads=k,
                                                 keep_hidden=True)
-    rng, first_rng = jax.random.split(rng)
-    first = sample(first_rng, last_logits, sampling)[:, None]
+    buffer, count, done, rng = start_generation(
+        rng, last_logits, prompts, lengths, total, sampling, max_new_tokens=max_new_tokens,
+        stop_tokens=stops, stream=stream)
     zeros = jnp.zeros((b,), jnp.int32)
-    count, done = commit_count(first, jnp.ones((b,), jnp.int32), zeros, jnp.zeros((b,), bool),
-                               max_new_tokens=max_new_tokens, stop_tokens=stops)
-    stream_step(stream, first, count)
-    buffer = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, total - t)))
-    buffer = decode.write_rows(buffer, lengths, first, count)
     # The heads' window is set up as a verification step that kept one token would leave it:
     # main hidden states at positions L-k .. L+k-1 (those past the prompt are never read).
     window_start = lengths - k
