@@ -40,12 +40,6 @@ def route(logits: jax.Array, correction_bias: jax.Array, top_k: int, *,
     return weights * scaling, indices.astype(jnp.int32), scores
 
 
-def _swiglu_experts_dense(x, w_gate, w_up, w_down):
-    gate = jnp.einsum("td,edf->tef", x, w_gate)
-    up = jnp.einsum("td,edf->tef", x, w_up)
-    return jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w_down)  # [T, E, D]
-
-
 def dense_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
                    w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """Every expert on every token, combined by gate weight.
@@ -55,8 +49,13 @@ def dense_dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate:
     num_experts = w_gate.shape[0]
     combine = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32) * weights[..., None],
                       axis=1)  # [T, E]
-    expert_out = _swiglu_experts_dense(x, w_gate, w_up, w_down)
-    return jnp.einsum("ted,te->td", expert_out.astype(jnp.float32), combine).astype(x.dtype)
+    gate = jnp.einsum("td,edf->tef", x, w_gate)
+    up = jnp.einsum("td,edf->tef", x, w_up)
+    # The down projection is linear, so the gate weights go in before it and one contraction over
+    # (expert, ffn) replaces E per-expert products and a weighted sum of [T, E, D] outputs.
+    hidden = (jax.nn.silu(gate) * up).astype(jnp.float32) * combine[..., None]  # [T, E, F]
+    return jnp.einsum("tef,efd->td", hidden.astype(w_down.dtype), w_down,
+                      preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def sort_by_expert(indices: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
