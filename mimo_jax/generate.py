@@ -34,8 +34,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = of
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
-_MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (dense, ragged); ragged "
-                                "computes only the chosen experts, usually faster for decoding.")
+_MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (dense, ragged): dense is "
+                                "the faster on CPU, ragged computes only the chosen experts.")
 _STREAM = flags.DEFINE_boolean(
     "stream", True, "Print tokens as they are decoded (a host callback per step, which costs "
     "time on a busy machine); --nostream prints at the end and times a second, compiled run.")

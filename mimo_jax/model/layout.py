@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from mimo_jax.config import ModelConfig
 
@@ -81,3 +82,17 @@ def stack_layers(layers: list[dict[str, Any]], config: ModelConfig,
         else:
             out.update({f"layer_{i}": layers[i] for i in run.layers})
     return out
+
+
+def relayout_decoder(params: dict[str, Any], config: ModelConfig,
+                     scan_layers: bool) -> dict[str, Any]:
+    """`params` (laid out for `config`) with the decoder in the layout `scan_layers` asks for.
+
+    Decoding on CPU is faster with one module per layer (no stacked weights to slice), while
+    training compiles faster scanned; this moves a checkpoint between the two.
+    """
+    if config.scan_layers == scan_layers:
+        return params
+    target = dataclasses.replace(config, scan_layers=scan_layers)
+    layers = unstack_layers(params["decoder"], config)
+    return {**params, "decoder": stack_layers(layers, target, stack=jnp.stack)}
