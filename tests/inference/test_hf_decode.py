@@ -10,44 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
 
+import hf_reference
 from mimo_jax.convert import hf
 from mimo_jax.inference import cache as kv_cache
 from mimo_jax.inference import decode
 
 VOCAB = 96
-WINDOW = 9
+WINDOW = hf_reference.WINDOW
 PROMPTS = [11, 4]  # prompt lengths
 CHUNKS = [1] * 12 + [3] + [1] * 20  # tokens fed per step after the prompt
 TOL = 1e-4
-
-
-def _reference(tmp_path):
-    config = MiMoV2FlashConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=48, v_head_dim=32,
-        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
-        sliding_window=WINDOW, max_position_embeddings=256, initializer_range=0.08,
-        layer_types=["full_attention", "sliding_attention", "sliding_attention",
-                     "full_attention"],
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 50_000.0,
-                               "partial_rotary_factor": 0.334},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0,
-                                  "partial_rotary_factor": 0.334}})
-    config._attn_implementation = "eager"  # the sink-aware attention
-    torch.manual_seed(0)
-    model = MiMoV2FlashForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("sinks"):
-                param.normal_(0.0, 1.0)
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0.0, 0.05)
-    model.save_pretrained(str(tmp_path))
-    return model
 
 
 def _reference_logits(model, tokens: np.ndarray, prompt: int) -> list[np.ndarray]:
@@ -72,7 +45,7 @@ def _logits_step(model):
 
 
 def test_cached_decoding_logits_match_transformers(tmp_path):
-    torch_model = _reference(tmp_path)
+    torch_model = hf_reference.random_model(hf_reference.tiny_config(VOCAB), str(tmp_path))
     model, params = hf.load(str(tmp_path))
     assert model.config.sliding.sliding_window == WINDOW
     total = max(PROMPTS) + sum(CHUNKS)

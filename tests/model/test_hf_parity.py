@@ -15,46 +15,22 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM
+from transformers import MiMoV2FlashForCausalLM
 
+import hf_reference
 from mimo_jax.convert import hf
 
 VOCAB = 512
-WINDOW = 9  # keys a query sees, itself included; T=64 spans seven windows
+WINDOW = hf_reference.WINDOW  # T=64 spans seven windows
 LENGTH = 64
 TOL = 1e-4
-
-
-def _hf_config() -> MiMoV2FlashConfig:
-    return MiMoV2FlashConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=48, v_head_dim=32,
-        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2,
-        sliding_window=WINDOW, max_position_embeddings=256, initializer_range=0.08,
-        # Runs: GA dense, 2 x SWA MoE (one scanned run), GA MoE.
-        layer_types=["full_attention", "sliding_attention", "sliding_attention",
-                     "full_attention"],
-        rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 50_000.0,
-                               "partial_rotary_factor": 0.334},
-            "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0,
-                                  "partial_rotary_factor": 0.334}})
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(torch model, its save_pretrained directory)."""
-    torch.manual_seed(0)
-    model = MiMoV2FlashForCausalLM(_hf_config()).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("sinks"):
-                param.normal_(0.0, 1.0)  # sinks that matter: logits near the attention scores
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.normal_(0.0, 0.05)  # large enough to change which experts are chosen
     directory = str(tmp_path_factory.mktemp("hf_reference"))
-    model.save_pretrained(directory)
+    model = hf_reference.random_model(hf_reference.tiny_config(VOCAB), directory)
     return model, directory
 
 

@@ -9,35 +9,7 @@ import numpy as np
 import pytest
 
 from mimo_jax.ops import attention as attention_ops
-from attention_inputs import output_and_grads, random_inputs, relative_error
-
-
-def check_case(fn, reference_fn, inputs, *, sink: str, out_tol: float, grad_tol: float,
-               seed: int):
-    """fn against reference_fn: outputs, dq, dk, dv, dsinks; padding rows exactly zero.
-
-    sink="-inf": fn gets sinks of -inf and the reference gets no sinks at all (and dsinks = 0).
-    """
-    q, k, v, sinks, segment_ids, cotangent = inputs
-    if sink == "-inf":
-        sinks = jnp.full_like(sinks, -jnp.inf)
-        reference_fn = _without_sinks(reference_fn)
-    out, grads = output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent)
-    want, want_grads = output_and_grads(reference_fn, q, k, v, sinks, segment_ids, cotangent)
-    err = relative_error(out, want)
-    assert err <= out_tol, f"output error {err:.2e} > {out_tol} (seed {seed})"
-    for name, got, expected in zip(("dq", "dk", "dv", "dsinks"), grads, want_grads):
-        err = relative_error(got, expected)
-        assert err <= grad_tol, f"{name} error {err:.2e} > {grad_tol} (seed {seed})"
-    if segment_ids is not None:
-        padding = np.asarray(segment_ids) == 0
-        assert padding.any()
-        np.testing.assert_array_equal(np.asarray(out)[padding], 0.0)
-        np.testing.assert_array_equal(np.asarray(grads[0])[padding], 0.0)
-
-
-def _without_sinks(fn):
-    return lambda q, k, v, sinks, segment_ids: fn(q, k, v, None, segment_ids)
+from attention_inputs import check_case, random_inputs, relative_error
 
 
 def _impl(name: str, window, chunk_size: int = 128):
