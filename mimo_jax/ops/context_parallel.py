@@ -28,16 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax.ops import attention as attention_ops
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _axis_name(axes: tuple[str, ...]):
-    return axes[0] if len(axes) == 1 else axes
+from mimo_jax.ops.spec_axes import collective_axis, spec_axes
 
 
 def _pad_spec(spec: P, rank: int) -> P:
@@ -53,7 +44,7 @@ def is_context_sharded(q_spec: P | None,
     if mesh.empty:
         return False
     sizes = dict(mesh.shape)
-    return math.prod(sizes[a] for a in _axes(q_spec[1])) > 1
+    return math.prod(sizes[a] for a in spec_axes(q_spec[1])) > 1
 
 
 def _shift_from_previous(x: jax.Array, axis, num_shards: int, hops: int) -> jax.Array:
@@ -137,24 +128,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
         raise ValueError(f"context-parallel attention needs whole head dims, got q {q_spec}, "
                          f"k/v {kv_spec}")
     b, t, n, _ = q.shape
-    context_axes = _axes(q_spec[1])
+    context_axes = spec_axes(q_spec[1])
     sizes = dict(mesh.shape)
     num_shards = math.prod(sizes[a] for a in context_axes)
     if t % num_shards:
         raise ValueError(f"sequence length {t} does not split over context axes {context_axes} "
                          f"of size {num_shards}")
-    head_axes, kv_head_axes = _axes(q_spec[2]), _axes(kv_spec[2])
+    head_axes, kv_head_axes = spec_axes(q_spec[2]), spec_axes(kv_spec[2])
     if kv_head_axes and kv_head_axes != head_axes:
         raise ValueError(f"KV heads split over {kv_head_axes} but query heads over {head_axes}")
     if segment_ids is None:
         segment_ids = jnp.ones((b, t), jnp.int32)
-    axis = _axis_name(context_axes)
+    axis = collective_axis(context_axes)
     has_sinks = sinks is not None
 
     def body(q, k, v, segments, *maybe_sinks):
         local_sinks = maybe_sinks[0] if has_sinks else None
         if head_axes and not kv_head_axes:
-            k, v = _local_kv_heads(k, v, q.shape[2], n, _axis_name(head_axes))
+            k, v = _local_kv_heads(k, v, q.shape[2], n, collective_axis(head_axes))
         if window is not None:
             rows = window - 1
             if rows == 0:

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax.ops import moe as moe_ops
+from mimo_jax.ops.spec_axes import collective_axis, spec_axes
 
 TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
 
@@ -79,16 +80,6 @@ def use_options(options: ExpertParallelOptions) -> Iterator[None]:
         yield
     finally:
         _OPTIONS.reset(token)
-
-
-def _axes(entry) -> tuple[str, ...]:
-    if entry is None:
-        return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def _axis_name(axes: tuple[str, ...]):
-    return axes[0] if len(axes) == 1 else axes
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -159,7 +150,7 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     """
     num_tokens, top_k = indices.shape
     local_experts = w_gate.shape[0]
-    axis = _axis_name(expert_axes)
+    axis = collective_axis(expert_axes)
     num_shards = jax.lax.axis_size(axis)
     num_experts = local_experts * num_shards
     send = _transport(transport)
@@ -237,7 +228,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
         token_mask = jnp.ones((b, t), bool)
     token_spec = P(*(tuple(token_spec) + (None,) * (3 - len(token_spec))))
     weight_spec = P(*(tuple(weight_spec) + (None,) * (3 - len(weight_spec))))
-    expert_axes = _axes(weight_spec[0])
+    expert_axes = spec_axes(weight_spec[0])
     sizes = {} if mesh.empty else dict(mesh.shape)
     if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:
         y = moe_ops.ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
@@ -247,25 +238,25 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
         raise ValueError(f"{w_gate.shape[0]} experts do not split over mesh axes {expert_axes} "
                          f"of sizes {[sizes[a] for a in expert_axes]}")
 
-    token_axes = set(_axes(token_spec[0])) | set(_axes(token_spec[1]))
+    token_axes = set(spec_axes(token_spec[0])) | set(spec_axes(token_spec[1]))
     if not set(expert_axes) <= token_axes:
         # Tokens whole on the expert axes: split the batch over them for the exchange, so each
         # expert shard sends a distinct part (the map's output is then split the same way).
         missing = tuple(a for a in expert_axes if a not in token_axes)
-        if b % (math.prod(sizes[a] for a in _axes(token_spec[0])) * math.prod(
+        if b % (math.prod(sizes[a] for a in spec_axes(token_spec[0])) * math.prod(
                 sizes[a] for a in missing)):
             raise ValueError(f"batch {b} does not split over mesh axes "
-                             f"{_axes(token_spec[0]) + missing} for expert parallelism")
-        token_spec = P(_axes(token_spec[0]) + missing, token_spec[1], token_spec[2])
+                             f"{spec_axes(token_spec[0]) + missing} for expert parallelism")
+        token_spec = P(spec_axes(token_spec[0]) + missing, token_spec[1], token_spec[2])
         token_axes |= set(missing)
-    x_model_axes = _axes(token_spec[2])
-    d_axes, f_axes = _axes(weight_spec[1]), _axes(weight_spec[2])
+    x_model_axes = spec_axes(token_spec[2])
+    d_axes, f_axes = spec_axes(weight_spec[1]), spec_axes(weight_spec[2])
     # F stays split (partial sums + psum) only over axes that split neither tokens nor experts.
     f_split = () if (set(f_axes) & (token_axes | set(expert_axes))) else f_axes
     f_gather = tuple(a for a in f_axes if a not in f_split)
 
     def gather(w, axes, dim):
-        return jax.lax.all_gather(w, _axis_name(axes), axis=dim, tiled=True) if axes else w
+        return jax.lax.all_gather(w, collective_axis(axes), axis=dim, tiled=True) if axes else w
 
     def body(x, weights, indices, mask, w_gate, w_up, w_down):
         x = gather(x, x_model_axes, 2)
@@ -278,12 +269,12 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
                            expert_axes=expert_axes, capacity_factor=options.capacity_factor,
                            transport=options.transport)
         if f_split:
-            y = jax.lax.psum(y, _axis_name(f_split))
+            y = jax.lax.psum(y, collective_axis(f_split))
         y = y.astype(x.dtype).reshape(bl, tl, d)
         if x_model_axes:
             part = d // math.prod(jax.lax.axis_size(a) for a in x_model_axes)
             y = jax.lax.dynamic_slice_in_dim(
-                y, jax.lax.axis_index(_axis_name(x_model_axes)) * part, part, axis=2)
+                y, jax.lax.axis_index(collective_axis(x_model_axes)) * part, part, axis=2)
         return y
 
     bt = P(token_spec[0], token_spec[1])
