@@ -327,6 +327,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
+def _backward_specs(maps, group: int, bq: int, bk: int, hp: int, vp: int) -> list:
+    """Blocks of q, k, v, dout, lse and delta for either backward grid (the maps say which)."""
+    return [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
+            pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
+            pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
+            pl.BlockSpec((None, group, bq, vp), maps.q_rows),
+            pl.BlockSpec((None, group, 1, bq), maps.q_stats),
+            pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
+
+
 def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret: bool):
     """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
 
@@ -346,12 +356,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
 
     # dq: grid (B, K, query blocks, key steps), the group's G heads stacked in each step.
     maps = _QueryMajorMaps(plan)
-    in_specs = [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
-                pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
-                pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
-                pl.BlockSpec((None, group, bq, vp), maps.q_rows),
-                pl.BlockSpec((None, group, 1, bq), maps.q_stats),
-                pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
+    in_specs = _backward_specs(maps, group, bq, bk, hp, vp)
     inputs = [qt, kt, vt, dout_t, *stat_rows]
     if has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
@@ -373,12 +378,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
 
     # dk, dv: grid (B, K, key blocks, query steps); the group's G heads side by side per step.
     maps = _KeyMajorMaps(plan)
-    in_specs = [pl.BlockSpec((None, group, bq, hp), maps.q_rows),
-                pl.BlockSpec((None, None, bk, hp), maps.kv_rows),
-                pl.BlockSpec((None, None, bk, vp), maps.kv_rows),
-                pl.BlockSpec((None, group, bq, vp), maps.q_rows),
-                pl.BlockSpec((None, group, 1, bq), maps.q_stats),
-                pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
+    in_specs = _backward_specs(maps, group, bq, bk, hp, vp)
     inputs = [qt, kt, vt, dout_t, *stat_rows]
     if has_segments:
         in_specs += [pl.BlockSpec((None, bk, LANES), maps.kv_segments),
