@@ -7,10 +7,13 @@ each slot (-1 = empty). A token at position p lives in slot `p % S`:
   - sliding-window (SWA) layers, the MTP heads included, have S = window + extra slots, a ring
     buffer whose stored positions tell which token a slot holds now.
 
-A chunk of T new tokens attends to [old slots ; its own T keys]; old slots count only if they hold
-a position before the chunk's first one. That rule is what makes speculative decoding roll back for
-free: the keys of rejected draft tokens stay in their slots, but their positions are at or after
-the next chunk's start, so nobody sees them until the real tokens at those positions overwrite them.
+In a ring, a chunk of T new tokens attends to [old slots ; its own T keys]; old slots count only if
+they hold a position before the chunk's first one. That rule is what makes speculative decoding
+roll back for free: the keys of rejected draft tokens stay in their slots, but their positions are
+at or after the next chunk's start, so nobody sees them until the real tokens at those positions
+overwrite them. A full-length cache is written first and then attended to in place (joining it
+with the chunk would copy it every step); its rejected keys are overwritten by the next chunk,
+which covers their positions.
 
 How many slots a ring needs: a chunk starting at s needs keys back to s - W + 1 (W = window) while
 the previous write reached position P >= s - 1, so the ring must hold P - s + W >= W - 1 positions.
@@ -77,8 +80,8 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, *, extra_slots:
     """The empty cache for `batch` sequences of at most `max_length` positions.
 
     Returns {"decoder": {block name: LayerCache}, "mtp": [LayerCache per MTP head]}. Block names
-    follow the parameter tree (`run_{r}` with a leading [run length] axis when layers are scanned,
-    else `layer_{i}`). `extra_slots` widens the sliding-window rings for speculative decoding
+    follow the parameter tree: `run_{r}` when layers are scanned (with a leading [run length] axis
+    on runs of more than one layer), else `layer_{i}`. `extra_slots` widens the sliding-window rings for speculative decoding
     (see the module docstring); `num_mtp_heads` (default: all of the config's) sets how many MTP
     heads get a cache; `dtype` defaults to the model's compute dtype.
     """
@@ -99,7 +102,10 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, *, extra_slots:
                                      attn.v_head_dim, dtype, layers)
 
         if config.scan_layers:
-            decoder[layout.block_name(config, r, run.start)] = make(run.length)
+            # A run of one layer (each global layer of the full model) is decoded without its
+            # scan (see `Decoder`), so its cache has no [1] axis to slice and restack each step.
+            decoder[layout.block_name(config, r, run.start)] = make(
+                run.length if run.length > 1 else None)
         else:
             for i in run.layers:
                 decoder[layout.block_name(config, r, i)] = make()
@@ -134,6 +140,8 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     Returns the attended values [B, T, N, V] float32 and the updated cache.
     """
     valid = positions >= 0
+    if window is None:
+        return _attend_in_place(cache, q, k, v, positions, sinks)
     big = jnp.iinfo(jnp.int32).max
     chunk_start = jnp.min(jnp.where(valid, positions, big), axis=1, keepdims=True)  # [B, 1]
     old = cache.positions
@@ -146,6 +154,22 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
     attended = attention_ops.masked_attention(q, keys, values, mask, sinks)
     return attended, write(cache, k, v, positions)
+
+
+def _attend_in_place(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
+                     positions: jax.Array, sinks: jax.Array | None) -> tuple[jax.Array, LayerCache]:
+    """`attend` for a full-length (global) cache: write the chunk first, then attend to the cache.
+
+    Joining the cache and the chunk would copy the whole cache every step, which at long context
+    costs more than the attention. Writing first is safe here because a slot is its position:
+    the chunk overwrites every stale key (of a rejected draft) at its own positions, and stale
+    keys further ahead are later than every query, so the causal mask hides them.
+    """
+    cache = write(cache, k, v, positions)
+    valid = (positions >= 0).astype(jnp.int32)
+    mask = attention_ops.attention_mask(positions, cache.positions, valid,
+                                        (cache.positions >= 0).astype(jnp.int32), None)
+    return attention_ops.masked_attention(q, cache.keys, cache.values, mask, sinks), cache
 
 
 def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:

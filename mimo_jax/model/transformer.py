@@ -107,6 +107,18 @@ def _layer_class(config: ModelConfig):
                     prevent_cse=not config.scan_layers)
 
 
+def _first_of_run(layer_cls):
+    """`layer_cls` reading its parameters as entry 0 of a scanned run's stacked [1, ...] arrays.
+
+    For a cached step through a run of one layer (every global layer of the full model): a
+    length-1 scan stays a loop whose inputs and outputs copy the layer's whole full-length
+    cache every step, where a plain call updates it in place. Decoding only: no init.
+    """
+    return nn.map_variables(layer_cls, "params",
+                            trans_in_fn=lambda tree: jax.tree.map(lambda a: a[0], tree),
+                            trans_out_fn=lambda tree: jax.tree.map(lambda a: a[None], tree))
+
+
 class Decoder(nn.Module):
     """The 48 (or `num_layers`) decoder layers, scanned over runs of identical layers."""
 
@@ -118,15 +130,23 @@ class Decoder(nn.Module):
                  ) -> tuple[jax.Array, list[dict]]:
         """x: [B, T, D] -> (x [B, T, D], a list of per-MoE-layer stats in layer order).
 
-        With a KV `cache` (decoding: a dict keyed by block name, scanned runs carrying a leading
-        [run length] axis, see `mimo_jax.inference.cache`) it returns (x, stats, new cache).
+        With a KV `cache` (decoding: a dict keyed by block name, scanned runs of several layers
+        carrying a leading [run length] axis, see `mimo_jax.inference.cache`) it returns
+        (x, stats, new cache).
         """
         cfg = self.config
         layer_cls = _layer_class(cfg)
         moe_stats = []
         new_cache = {}
         for r, run in enumerate(layout.layer_runs(cfg)):
-            if cfg.scan_layers:
+            if cfg.scan_layers and cache is not None and run.length == 1:
+                name = layout.block_name(cfg, r, run.start)
+                x, (stats, new_cache[name]) = _first_of_run(layer_cls)(
+                    cfg, run.layer_type, run.mlp_type, name=name)(
+                        x, positions, segment_ids, cache[name])
+                if run.mlp_type == MOE:
+                    moe_stats.append(stats)
+            elif cfg.scan_layers:
                 cached = cache is not None
                 # A decode step is a few tokens deep, so a rolled loop's per-layer dynamic slices
                 # of the stacked weights and caches (copies, every step) outweigh its arithmetic.
