@@ -5,7 +5,8 @@ Prints two tables:
      checkpoint, the mean acceptance length (tokens per main-model pass) and the speedup, with a
      check that the speculative output equals the plain output token for token;
   2. KV-cache bytes of the full config at 4k / 32k / 256k context, hybrid (SWA rings + GA) vs
-     every layer global, computed from the cache's real shapes (jax.eval_shape, nothing allocated).
+     every layer global, computed from the cache's real shapes (jax.eval_shape, nothing allocated);
+  3. the time of one cached decode step of the tiny config at 1k / 8k / 32k context.
 
 A checkpoint the heads can predict well comes from text with a lot of structure, e.g. the
 generated repetitive code that `--write_corpus` produces:
@@ -17,7 +18,7 @@ generated repetitive code that `--write_corpus` produces:
         --config.data.batch_size=8 --config.train.steps=500
     python benchmarks/decode.py --checkpoint /tmp/mimo_mtp3 --prompts /tmp/rep_code/eval
 
-Without --checkpoint only the KV-cache table is printed.
+Without --checkpoint only tables 2 and 3 are printed.
 """
 
 from __future__ import annotations
@@ -96,6 +97,44 @@ def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[st
         mtp = kv_cache.cache_bytes(kv_cache.cache_shapes(config, 1, context)["mtp"])
         rows.append(f"| {context // 1024}k | {_gib(hybrid)} | {_gib(full)} | "
                     f"{hybrid / full:.4f} | {_gib(mtp)} |")
+    return rows
+
+
+def step_time_table(contexts: tuple[int, ...], steps: int = 32) -> list[str]:
+    """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, batch 1)
+    with the sequence at each context length, i.e. global layers attending over that many keys."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+    from configs import tiny  # pylint: disable=import-outside-toplevel
+    from mimo_jax.config import model_config_from_dict  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference import decode  # pylint: disable=import-outside-toplevel
+    from mimo_jax.model.transformer import MiMoV2Flash, init_params  # pylint: disable=import-outside-toplevel
+
+    model = MiMoV2Flash(model_config_from_dict(tiny.get_config().model))
+    params = init_params(model, jax.random.key(0))
+    rows = ["| context | ms per decode step | tokens/s |", "|---|---|---|"]
+    for context in contexts:
+        cache = kv_cache.init_cache(model.config, 1, context, num_mtp_heads=0)["decoder"]
+
+        def run(params, cache, context=context):
+            def body(i, carry):
+                cache, token = carry
+                positions = jnp.full((1, 1), context - steps + i, jnp.int32)
+                hidden, cache = decode.model_decode(model, params, token, positions, cache)
+                token = jnp.argmax(decode.logits(model, params, hidden), -1).astype(jnp.int32)
+                return cache, token
+            return jax.lax.fori_loop(0, steps, body, (cache, jnp.ones((1, 1), jnp.int32)))[1]
+
+        fn = jax.jit(run)
+        jax.block_until_ready(fn(params, cache))  # compiles
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, cache))
+            times.append((time.perf_counter() - start) / steps)
+        rows.append(f"| {context // 1024}k | {min(times) * 1e3:.2f} | {1 / min(times):.0f} |")
     return rows
 
 
@@ -197,6 +236,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--unstack_layers", action="store_true",
                         help="decode with one module per layer instead of the checkpoint's scanned "
                              "runs (faster on CPU: no stacked weights to slice each step)")
+    parser.add_argument("--step_contexts", default="1024,8192,32768",
+                        help="context lengths of the decode-step timing (tiny config)")
     args = parser.parse_args(argv)
     if args.write_corpus:
         write_corpus(pathlib.Path(args.write_corpus))
@@ -207,6 +248,8 @@ def main(argv: list[str]) -> None:
                                     not args.unstack_layers)))
         print()
     print("\n".join(kv_cache_table()))
+    print()
+    print("\n".join(step_time_table(tuple(int(c) for c in args.step_contexts.split(",")))))
 
 
 if __name__ == "__main__":
