@@ -81,9 +81,10 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, *, extra_slots:
 
     Returns {"decoder": {block name: LayerCache}, "mtp": [LayerCache per MTP head]}. Block names
     follow the parameter tree: `run_{r}` when layers are scanned (with a leading [run length] axis
-    on runs of more than one layer), else `layer_{i}`. `extra_slots` widens the sliding-window rings for speculative decoding
-    (see the module docstring); `num_mtp_heads` (default: all of the config's) sets how many MTP
-    heads get a cache; `dtype` defaults to the model's compute dtype.
+    on runs of more than one layer), else `layer_{i}`. `extra_slots` widens the sliding-window
+    rings for speculative decoding (see the module docstring); `num_mtp_heads` (default: all of
+    the config's) sets how many MTP heads get a cache; `dtype` defaults to the model's compute
+    dtype.
     """
     if batch < 1 or max_length < 1 or extra_slots < 0:
         raise ValueError(f"cache needs batch >= 1, max_length >= 1 and extra_slots >= 0; got "
