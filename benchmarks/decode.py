@@ -161,7 +161,7 @@ def _load_prompts(path: pathlib.Path | None, tokenizer, count: int, length: int)
 
 
 def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len: int,
-                new_tokens: int, rounds: int, moe_impl: str, scan_layers: bool) -> list[str]:
+                new_tokens: int, rounds: int, moe_impl: str, layers: str) -> list[str]:
     """Markdown rows: plain vs speculative greedy decoding of `new_tokens` tokens.
 
     Every variant is compiled first, then the variants run in turn for `rounds` rounds and each
@@ -175,21 +175,21 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     from mimo_jax.generate import load_checkpoint  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
-    from mimo_jax.model import layout  # pylint: disable=import-outside-toplevel
     from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
 
     model, params, tokenizer = load_checkpoint(checkpoint)
-    params = layout.relayout_decoder(params, model.config, scan_layers)
-    model = MiMoV2Flash(dataclasses.replace(model.config, moe_impl=moe_impl,
-                                            scan_layers=scan_layers).validate())
+    model = MiMoV2Flash(dataclasses.replace(model.config, moe_impl=moe_impl).validate())
+    unstack = {"auto": None, "scanned": False, "unstacked": True}[layers]
     prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
                             batch, prompt_len)
     lengths = np.full((batch,), prompt_len, np.int32)
     variants = {"plain greedy": lambda: generate(model, params, prompts, lengths,
-                                                 max_new_tokens=new_tokens)}
+                                                 max_new_tokens=new_tokens,
+                                                 unstack_layers=unstack)}
     for k in range(1, model.config.num_mtp_heads + 1):
         variants[f"speculative, k={k}"] = lambda k=k: speculative_generate(
-            model, params, prompts, lengths, max_new_tokens=new_tokens, num_draft=k)
+            model, params, prompts, lengths, max_new_tokens=new_tokens, num_draft=k,
+            unstack_layers=unstack)
     outputs, times = {}, {name: [] for name in variants}
     for name, run in variants.items():
         outputs[name] = run()
@@ -212,7 +212,6 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
                     f"{best / base:.2f}x | {'-' if out is plain else 'yes' if same else 'NO'} |")
     sample = tokenizer.decode(plain.generated(0)[:60])
     rows.append("")
-    layers = "scanned" if scan_layers else "unstacked"
     rows.append(f"batch {batch}, prompt {prompt_len} tokens, {new_tokens} new tokens per row, "
                 f"moe_impl={moe_impl}, layers {layers}, {rounds} timed rounds after "
                 f"compilation, backend {jax.default_backend()}; speedup from the best times")
@@ -233,9 +232,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--moe_impl", default="dense",
                         help="MoE dispatch for decoding: dense is the faster on CPU at 16 experts, "
                              "ragged computes only the chosen experts")
-    parser.add_argument("--unstack_layers", action="store_true",
-                        help="decode with one module per layer instead of the checkpoint's scanned "
-                             "runs (faster on CPU: no stacked weights to slice each step)")
+    parser.add_argument("--layers", choices=("auto", "scanned", "unstacked"), default="auto",
+                        help="decode the checkpoint's scanned runs as they are, or as one module "
+                             "per layer (auto: unstacked on CPU, see decode.loop_layout)")
     parser.add_argument("--step_contexts", default="1024,8192,32768",
                         help="context lengths of the decode-step timing (tiny config)")
     args = parser.parse_args(argv)
@@ -244,8 +243,7 @@ def main(argv: list[str]) -> None:
         return
     if args.checkpoint:
         print("\n".join(speed_table(args.checkpoint, args.prompts, args.batch, args.prompt_len,
-                                    args.new_tokens, args.rounds, args.moe_impl,
-                                    not args.unstack_layers)))
+                                    args.new_tokens, args.rounds, args.moe_impl, args.layers)))
         print()
     print("\n".join(kv_cache_table()))
     print()

@@ -36,9 +36,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
 _MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (dense, ragged): dense is "
                                 "the faster on CPU, ragged computes only the chosen experts.")
-_UNSTACK = flags.DEFINE_boolean(
-    "unstack_layers", False, "Decode with one module per layer instead of scanned runs "
-    "(faster on CPU; costs a copy of the decoder weights).")
 _STREAM = flags.DEFINE_boolean(
     "stream", True, "Print tokens as they are decoded (a host callback per step, which costs "
     "time on a busy machine); --nostream prints at the end and times a second, compiled run.")
@@ -162,17 +159,12 @@ def main(argv: list[str]) -> None:
         sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
         overrides = {key: flag.value for key, flag in (("dtype", _DTYPE), ("moe_impl", _MOE_IMPL))
                      if flag.value}
-        if _UNSTACK.value:
-            overrides["scan_layers"] = False
         if _CHECKPOINT.value:
             model, params, tokenizer = load_checkpoint(_CHECKPOINT.value)
             if overrides:
                 from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
-                from mimo_jax.model import layout  # pylint: disable=import-outside-toplevel
                 from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
-                config = replace_model(model.config, **overrides)
-                params = layout.relayout_decoder(params, model.config, config.scan_layers)
-                model = MiMoV2Flash(config)
+                model = MiMoV2Flash(replace_model(model.config, **overrides))
         else:
             model, params, tokenizer = load_hf(_HF.value, **overrides)
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,

@@ -121,7 +121,9 @@ def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, stream: StreamFn | None) -> Generation:
+              prefill_chunk: int, unstack_layers: bool | None,
+              stream: StreamFn | None) -> Generation:
+    config, params = decode.loop_layout(config, params, unstack_layers)
     model = MiMoV2Flash(config)
     b, t = prompts.shape
     total = t + max_new_tokens
@@ -159,10 +161,10 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
 
 @functools.lru_cache(maxsize=16)
 def _compiled(config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, stream: StreamFn | None):
+              prefill_chunk: int, unstack_layers: bool | None, stream: StreamFn | None):
     return jax.jit(functools.partial(
         _generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling,
-        prefill_chunk=prefill_chunk, stream=stream))
+        prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream))
 
 
 def check_generation_args(config: ModelConfig, prompts: jax.Array, lengths: jax.Array,
@@ -181,7 +183,8 @@ def check_generation_args(config: ModelConfig, prompts: jax.Array, lengths: jax.
 def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Array, *,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
-             prefill_chunk: int = 256, stream: StreamFn | None = None) -> Generation:
+             prefill_chunk: int = 256, unstack_layers: bool | None = None,
+             stream: StreamFn | None = None) -> Generation:
     """Generates up to `max_new_tokens` tokens after each prompt with the KV cache.
 
     Args:
@@ -190,11 +193,13 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
       sampling: greedy by default; rng: a PRNG key (default key 0) for temperature > 0.
       stop_tokens: a row finishes after emitting any of these (it is kept in the output).
       prefill_chunk: prompt tokens per prefill forward.
+      unstack_layers: decode scanned runs as one module per layer (default: on CPU, where it is
+        faster; see `decode.loop_layout`). The tokens are the same either way.
       stream: optional host callback `stream(tokens [B, C], counts [B])` called after every step
         with the tokens each row kept (numpy arrays); it must be hashable (a plain function).
     """
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    fn = _compiled(model.config, max_new_tokens, sampling, prefill_chunk, stream)
+    fn = _compiled(model.config, max_new_tokens, sampling, prefill_chunk, unstack_layers, stream)
     return fn(params, prompts, lengths, rng, stop_array(stop_tokens))

@@ -124,7 +124,9 @@ def _accept(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, rng: j
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, num_draft: int, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, stream: StreamFn | None) -> Generation:
+              prefill_chunk: int, unstack_layers: bool | None,
+              stream: StreamFn | None) -> Generation:
+    config, params = decode.loop_layout(config, params, unstack_layers)
     model = MiMoV2Flash(config)
     k = num_draft
     b, t = prompts.shape
@@ -181,17 +183,18 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
 
 @functools.lru_cache(maxsize=16)
 def _compiled(config: ModelConfig, num_draft: int, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, stream: StreamFn | None):
+              prefill_chunk: int, unstack_layers: bool | None, stream: StreamFn | None):
     return jax.jit(functools.partial(
         _generate, config=config, num_draft=num_draft, max_new_tokens=max_new_tokens,
-        sampling=sampling, prefill_chunk=prefill_chunk, stream=stream))
+        sampling=sampling, prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
+        stream=stream))
 
 
 def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
                          lengths: jax.Array, *, max_new_tokens: int, num_draft: int | None = None,
                          sampling: SamplingConfig = SamplingConfig(),
                          rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
-                         prefill_chunk: int = 256,
+                         prefill_chunk: int = 256, unstack_layers: bool | None = None,
                          stream: StreamFn | None = None) -> Generation:
     """`generate` with MTP self-speculative decoding; same arguments and result.
 
@@ -206,5 +209,6 @@ def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    fn = _compiled(model.config, num_draft, max_new_tokens, sampling, prefill_chunk, stream)
+    fn = _compiled(model.config, num_draft, max_new_tokens, sampling, prefill_chunk,
+                   unstack_layers, stream)
     return fn(params, prompts, lengths, rng, stop_array(stop_tokens))

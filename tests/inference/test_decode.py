@@ -12,6 +12,7 @@ from mimo_jax.config import GA, SWA
 from mimo_jax.inference import cache as kv_cache
 from mimo_jax.inference import decode
 from mimo_jax.inference.generate import generate
+from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash
 
@@ -128,22 +129,24 @@ def test_stop_tokens_end_rows_independently(decode_model, prompts):
     assert len(out.generated(1)) > 5 or len(out.generated(2)) > 5  # the others went on
 
 
-def test_unstacked_layers_decode_the_same_tokens(decode_model, prompts):
-    """The per-layer layout (faster on CPU) decodes what the scanned checkpoint decodes, and the
-    relayout round trip is exact."""
+def test_scanned_and_unstacked_layers_decode_the_same_tokens(decode_model, prompts):
+    """Generation runs scanned runs as they are (accelerators) or one module per layer (the CPU
+    default); both give the same tokens, plain and speculative, and the relayout is exact."""
     model, params = decode_model
-    unstacked = MiMoV2Flash(dataclasses.replace(model.config, scan_layers=False))
-    unstacked_params = layout.relayout_decoder(params, model.config, scan_layers=False)
-    assert sorted(unstacked_params["decoder"]) == [f"layer_{i}" for i in range(4)]
-    back = layout.relayout_decoder(unstacked_params, unstacked.config, scan_layers=True)
+    unstacked = layout.relayout_decoder(params, model.config, scan_layers=False)
+    assert sorted(unstacked["decoder"]) == [f"layer_{i}" for i in range(4)]
+    per_layer_config = dataclasses.replace(model.config, scan_layers=False)
+    back = layout.relayout_decoder(unstacked, per_layer_config, scan_layers=True)
     jax.tree.map(np.testing.assert_array_equal, back, params)
     tokens, lengths = prompts(LENGTHS, model.config.vocab_size, seed=3)
-    scanned_out = generate(model, params, tokens, lengths, max_new_tokens=NEW_TOKENS,
-                           prefill_chunk=8)
-    unstacked_out = generate(unstacked, unstacked_params, tokens, lengths,
-                             max_new_tokens=NEW_TOKENS, prefill_chunk=8)
+    outputs = [generate(model, params, tokens, lengths, max_new_tokens=NEW_TOKENS,
+                        prefill_chunk=8, unstack_layers=unstack) for unstack in (False, True)]
+    outputs.append(speculative_generate(model, params, tokens, lengths,
+                                        max_new_tokens=NEW_TOKENS, prefill_chunk=8,
+                                        unstack_layers=False))
     for row in range(len(LENGTHS)):
-        assert unstacked_out.generated(row) == scanned_out.generated(row), f"row {row}"
+        assert outputs[1].generated(row) == outputs[0].generated(row), f"row {row}"
+        assert outputs[2].generated(row) == outputs[0].generated(row), f"row {row}"
 
 
 def test_cache_shapes_ring_and_full_length(decode_config):
