@@ -50,7 +50,7 @@ def loop_layout(config: ModelConfig, params: Any,
 
     With `unstack_layers` (default: on CPU) scanned runs become one module per layer, copying the
     decoder's weights once per generation: XLA:CPU would otherwise copy every layer's weights out
-    of the stacked arrays at every step, which costs more than a small model's step (1.7x slower
+    of the stacked arrays at every step, which costs more than a small model's step (1.6x slower
     decoding for the tiny config). Off on accelerators, where the copy would double the decoder's
     weight memory.
     """
