@@ -10,7 +10,8 @@ from `model.safetensors` or shards listed in `model.safetensors.index.json`, one
 each parameter is assembled in its final dtype, moved to the device, and its host copy dropped, so
 host memory peaks near one (stacked) parameter, not the model. FP8 weights with block scales are
 dequantised on the way. `save` writes transformers' layout (per-expert names, `attention_sink_bias`,
-MTP heads under `model.mtp.layers.{k}`) and a transformers-form `config.json`.
+MTP heads under `model.mtp.layers.{k}`) and a transformers-form `config.json`; with `fp8_block`
+it stores the release's FP8 tensors block-quantised, as the release does.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from mimo_jax.config import ModelConfig, replace_model
-from mimo_jax.convert import hf_config, hf_names
+from mimo_jax.convert import fp8, hf_config, hf_names
 from mimo_jax.convert.errors import CheckpointError
 from mimo_jax.convert.safetensors_io import CheckpointReader, PendingTensor, write_checkpoint
-from mimo_jax.convert.weights import WeightReader
+from mimo_jax.convert.weights import SCALE_SUFFIX, WeightReader
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
 
@@ -228,8 +230,34 @@ def _check_shapes(config: ModelConfig, params: dict) -> None:
                                   f"{tuple(given[path].shape)} but the config needs {spec.shape}")
 
 
+class _Quantized:
+    """One weight's FP8 form, computed when its first half is written and dropped after the
+    second, so that an export holds at most one quantised weight in host memory."""
+
+    def __init__(self, produce, block: tuple[int, int]):
+        self.produce, self.block, self.parts = produce, block, None
+
+    def part(self, index: int) -> np.ndarray:
+        if self.parts is None:
+            self.parts = list(fp8.quantize(self.produce(), self.block))
+        value, self.parts[index] = self.parts[index], None
+        if all(p is None for p in self.parts):
+            self.parts = None
+        return value
+
+
+def _fp8_tensors(name: str, shape: tuple[int, ...], produce,
+                 block: tuple[int, int]) -> list[PendingTensor]:
+    """`name` as float8 e4m3 plus its `_scale_inv` block scales (float32)."""
+    quantized = _Quantized(produce, block)
+    return [PendingTensor(name, shape, np.dtype(ml_dtypes.float8_e4m3fn),
+                          lambda: quantized.part(0)),
+            PendingTensor(name + SCALE_SUFFIX, fp8.scale_shape(shape, block),
+                          np.dtype(np.float32), lambda: quantized.part(1))]
+
+
 def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | None = None,
-         max_shard_bytes: int = 5 * 2**30) -> list[str]:
+         fp8_block: tuple[int, int] | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
     """Writes `params` as a transformers-loadable checkpoint: safetensors + `config.json`.
 
     Args:
@@ -239,6 +267,9 @@ def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | 
       out_dir: created if needed; earlier `model*.safetensors` files in it are replaced.
       dtype: "float32" | "bfloat16" | "float16" for the stored weights; None keeps each
         parameter's dtype. The router and its bias are always stored in float32.
+      fp8_block: e.g. (128, 128): store the tensors the released FP8 checkpoint stores in FP8
+        (`hf_names.stored_in_fp8`) as float8 e4m3 with block scales of this shape, and say so in
+        `config.json`'s `quantization_config`; the rest are stored as `dtype` says.
       max_shard_bytes: larger checkpoints are split into shards plus an index.
     Returns the safetensors file names written.
     """
@@ -248,14 +279,24 @@ def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | 
     scanned = any(k.startswith("run_") for k in params.get("decoder", {}))
     config = replace_model(model_config, scan_layers=scanned)
     _check_shapes(config, params)
+    if fp8_block is not None and (len(fp8_block) != 2 or
+                                  not all(isinstance(b, int) and b > 0 for b in fp8_block)):
+        raise ValueError(f"fp8_block must be two positive integers, got {fp8_block!r}")
     stored = dtype or str(np.dtype(params["embed"]["embedding"].dtype))
     hf_cfg = hf_config.to_hf(config, stored)
+    if fp8_block is not None:
+        hf_cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                         "activation_scheme": "dynamic",
+                                         "weight_block_size": list(fp8_block)}
     tensors = []
     for source, leaf in _exports(config, params):
         target = np.dtype(np.float32) if getattr(source, "float32", False) else (
             np.dtype(jnp.dtype(dtype)) if dtype else leaf.dtype)
         for name, shape, produce in source.export(leaf.shape, leaf.numpy):
-            tensors.append(PendingTensor(name, tuple(shape), target, produce))
+            if fp8_block is not None and hf_names.stored_in_fp8(name):
+                tensors += _fp8_tensors(name, tuple(shape), produce, tuple(fp8_block))
+            else:
+                tensors.append(PendingTensor(name, tuple(shape), target, produce))
     os.makedirs(out_dir, exist_ok=True)
     try:
         files = write_checkpoint(out_dir, tensors, max_shard_bytes)

@@ -159,6 +159,13 @@ def top_sources() -> dict[Path, Source]:
     }
 
 
+def stored_in_fp8(name: str) -> bool:
+    """Whether the released FP8 checkpoint stores tensor `name` in FP8: the projections of the
+    attention, MLPs, experts and MTP heads, except `o_proj`. Embeddings, the LM head, norms,
+    sinks and the router stay in higher precision."""
+    return name.endswith("proj.weight") and not name.endswith("o_proj.weight")
+
+
 IGNORED_PREFIXES = ("model.rotary_emb.",)
 MTP_PREFIX = "model.mtp.layers."
 

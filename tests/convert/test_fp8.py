@@ -117,3 +117,43 @@ def test_fp8_checkpoint_dequantised_on_load(tiny_config, random_params, tmp_path
     assert sorted(written) == sorted(expected)
     for name, value in written.items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_fp8_export_quantises_what_the_release_does(tiny_config, random_params, tmp_path,
+                                                    read_all):
+    """hf.save(fp8_block=...) writes the release's FP8 tensors as the block-absmax reference
+    quantises them (bit for bit), the rest unquantised, and hf.load reads it back."""
+    config = replace_model(tiny_config, hidden_size=136, dense_intermediate_size=200,
+                           num_mtp_heads=1)
+    params = random_params(config, seed=5)
+    hf.save(config, params, str(tmp_path / "plain"))
+    plain = read_all(str(tmp_path / "plain"))
+    hf.save(config, params, str(tmp_path / "fp8"), fp8_block=(BLOCK, BLOCK),
+            max_shard_bytes=200_000)
+    written = read_all(str(tmp_path / "fp8"))
+    quantised = sorted(n for n in plain if _quantised_name(n))
+    assert any(".mtp." in n for n in quantised) and any(".experts." in n for n in quantised)
+    assert sorted(written) == sorted(list(plain) + [n + "_scale_inv" for n in quantised])
+    expected = {}
+    for name, value in plain.items():
+        if name in quantised:
+            want, want_scale = _quantise(value)
+            assert written[name].dtype == ml_dtypes.float8_e4m3fn, name
+            np.testing.assert_array_equal(written[name].astype(np.float32),
+                                          want.astype(np.float32), err_msg=name)
+            np.testing.assert_array_equal(written[name + "_scale_inv"], want_scale, err_msg=name)
+            expected[name] = _dequantise_blockwise(want, want_scale)
+        else:
+            np.testing.assert_array_equal(written[name], value, err_msg=name)
+            expected[name] = value
+    with open(tmp_path / "fp8" / "config.json") as f:
+        assert json.load(f)["quantization_config"]["weight_block_size"] == [BLOCK, BLOCK]
+    model, loaded = hf.load(str(tmp_path / "fp8"), param_dtype="float32", dtype="float32")
+    hf.save(model.config, loaded, str(tmp_path / "out"))
+    for name, value in read_all(str(tmp_path / "out")).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
+
+
+def test_fp8_export_rejects_a_bad_block(tiny_config, random_params, tmp_path):
+    with pytest.raises(ValueError, match=r"fp8_block must be two positive integers, got \(128,\)"):
+        hf.save(tiny_config, random_params(tiny_config), str(tmp_path), fp8_block=(128,))
