@@ -27,11 +27,13 @@ EXTRAS = {
     "seqio": ["seqio>=0.0.19"],
     "xm": ["xmanager>=0.6.0"],
     # The parity tests run the reference implementation; torch is pinned to the CPU build.
+    # transformers reads FP8 checkpoints through accelerate.
     "test": [
         "pytest>=8.0",
         "pytest-xdist>=3.5",
         "torch==2.13.0",
         "transformers>=5.13",
+        "accelerate>=1.0",
     ],
 }
 
