@@ -158,28 +158,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     meta = {"architecture": architecture(model_cfg),
             "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None,
             "data_stream": _data_stream(data_cfg, shard)}
-    start = checkpointer.latest_step() or 0
-    data_state = None
-    if start:
-        checkpointer.check(start, meta)
-        data_state = checkpointer.restore_data_state(start)
-    try:
-        batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
-                                                  model_cfg.vocab_size, shard), data_state)
-    except (KeyError, IndexError, TypeError, ValueError) as err:
-        if isinstance(err, DataError) or data_state is None:
-            raise
-        raise CheckpointError(f"the data position saved in checkpoint "
-                              f"{checkpointer.directory / str(start)} does not fit this data "
-                              f"pipeline: {type(err).__name__}: {err}") from err
-    try:
+    batches = None
+    try:  # the checkpointer's background threads are stopped however the run ends
+        start = checkpointer.latest_step() or 0
+        data_state = None
+        if start:
+            checkpointer.check(start, meta)
+            data_state = checkpointer.restore_data_state(start)
+        try:
+            batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
+                                                      model_cfg.vocab_size, shard), data_state)
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            if isinstance(err, DataError) or data_state is None:
+                raise
+            raise CheckpointError(f"the data position saved in checkpoint "
+                                  f"{checkpointer.directory / str(start)} does not fit this data "
+                                  f"pipeline: {type(err).__name__}: {err}") from err
         # The first batch before any compilation: bad data fails in seconds.
         batch = batches.next() if start < train_cfg.steps else None
         setup = _Setup(configs, workdir, parallelism, shard, tokenizer, eval_sources,
                        checkpointer, meta, start, batches)
         return _train(setup, batch, stop_requested, log)
     finally:
-        batches.close()
+        if batches is not None:
+            batches.close()
         checkpointer.close()
 
 
