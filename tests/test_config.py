@@ -8,12 +8,7 @@ from mimo_jax.config import ConfigError, GA, SWA, model_config_from_dict
 
 def _model(**changes):
     cfg = tiny.get_config().model
-    for key, value in changes.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    cfg.update_from_flattened_dict(changes)
     return cfg
 
 

@@ -4,7 +4,6 @@ import pathlib
 
 import numpy as np
 import pytest
-from absl import flags
 
 from mimo_jax.data import tokenizer as tokenizer_lib
 
@@ -14,13 +13,6 @@ WORDS = ("alpha", "beta", "gamma", "delta", "def", "return", "class", "import", 
 
 def random_text(rng: np.random.Generator, words: int) -> str:
     return " ".join(rng.choice(WORDS, size=words))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _parsed_flags():
-    """Grain's worker processes read absl flags, which must be parsed (absl apps do this)."""
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session", name="text_dir")

@@ -5,25 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
-from mimo_jax.config import ModelConfig, model_config_from_dict
+import model_configs
+from mimo_jax.config import ModelConfig
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
-
-WINDOW = 9  # keys a query sees, itself included
 
 
 def decode_config(**overrides) -> ModelConfig:
-    """configs/tiny.py shrunk: 4 layers (GA dense, 2 SWA MoE in one scanned run, GA MoE), window
-    9, 8 experts top-2, 3 MTP heads, vocab 64, float32. Overrides replace `model.*` keys."""
-    cfg = tiny.get_config().model
-    cfg.update(num_layers=4, global_period=4, vocab_size=64, hidden_size=64,
-               dense_intermediate_size=128, moe_intermediate_size=32, num_experts=8,
-               num_experts_per_token=2, attention_chunk_size=8, num_mtp_heads=3, init_std=0.06)
-    cfg.sliding.update(num_heads=4, num_kv_heads=2, qk_head_dim=24, v_head_dim=16, rope_dim=8,
-                       sliding_window=WINDOW)
-    cfg.full.update(num_heads=4, num_kv_heads=1, qk_head_dim=24, v_head_dim=16, rope_dim=8)
-    cfg.update(overrides)
-    return model_config_from_dict(cfg)
+    """`model_configs.SMALL` (4 layers: GA dense, 2 SWA MoE in one scanned run, GA MoE; window 9,
+    8 experts top-2) with 3 MTP heads, vocab 64, float32. Overrides replace `model.*` keys."""
+    return model_configs.tiny_model({**model_configs.SMALL, "vocab_size": 64, "num_mtp_heads": 3,
+                                     "init_std": 0.06, **overrides})
 
 
 def random_params(model: MiMoV2Flash, seed: int) -> dict:

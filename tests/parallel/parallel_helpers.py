@@ -9,7 +9,8 @@ import numpy as np
 import optax
 
 from configs import tiny
-from mimo_jax.config import ModelConfig, model_config_from_dict
+import model_configs
+from mimo_jax.config import ModelConfig
 from mimo_jax.model.mtp import shift_left
 
 # XLA:CPU options for quick test compiles (the same numbers): no LLVM optimisation and no fusion
@@ -23,22 +24,14 @@ VOCAB = 256
 def parallel_model_config(**overrides) -> ModelConfig:
     """configs/tiny.py shrunk: 3 layers (global+dense, then 2 sliding+MoE), window 9 (longer than
     a context shard, so halos cross two shards), 8 experts top-2, one MTP head, float32."""
-    cfg = tiny.get_config().model
-    cfg.num_layers = 3
-    cfg.vocab_size = VOCAB
-    cfg.hidden_size = 32
-    cfg.sliding.update(num_heads=4, num_kv_heads=2, qk_head_dim=16, v_head_dim=8, rope_dim=8,
-                       sliding_window=9)
-    cfg.full.update(num_heads=4, num_kv_heads=1, qk_head_dim=16, v_head_dim=8, rope_dim=8)
-    cfg.dense_intermediate_size = 64
-    cfg.moe_intermediate_size = 16
-    cfg.num_experts = 8
-    cfg.num_experts_per_token = 2
-    cfg.attention_chunk_size = 4
-    cfg.num_mtp_heads = 1
-    for key, value in overrides.items():
-        cfg[key] = value
-    return model_config_from_dict(cfg)
+    return model_configs.tiny_model({
+        "num_layers": 3, "vocab_size": VOCAB, "hidden_size": 32,
+        "sliding.num_heads": 4, "sliding.num_kv_heads": 2, "sliding.qk_head_dim": 16,
+        "sliding.v_head_dim": 8, "sliding.rope_dim": 8, "sliding.sliding_window": 9,
+        "full.num_heads": 4, "full.num_kv_heads": 1, "full.qk_head_dim": 16, "full.v_head_dim": 8,
+        "full.rope_dim": 8, "dense_intermediate_size": 64, "moe_intermediate_size": 16,
+        "num_experts": 8, "num_experts_per_token": 2, "attention_chunk_size": 4,
+        "num_mtp_heads": 1, **overrides})
 
 
 def packed_batch(batch: int = 8, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _run_workers(out_path: pathlib.Path, num_processes: int = 2) -> list[str]:
     """Starts the workers and waits for all; on a failure or the deadline kills the rest."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE.parent), str(HERE)]))
     env.pop("XLA_FLAGS", None)
     port = _free_port()
     procs = [subprocess.Popen(

@@ -7,7 +7,6 @@ import pathlib
 import ml_collections
 import numpy as np
 import pytest
-from absl import flags
 
 from configs import tiny
 from mimo_jax.data import tokenizer as tokenizer_lib
@@ -43,23 +42,12 @@ def micro_overrides(workdir_data: pathlib.Path, **extra) -> dict:
 def build_config(overrides: dict) -> ml_collections.ConfigDict:
     """configs/tiny.py with dotted-key overrides applied, as `--config.a.b=v` would."""
     config = tiny.get_config()
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
 def command_line(overrides: dict) -> list[str]:
     return [f"--config.{key}={value}" for key, value in overrides.items()]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _parsed_flags():
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="session", name="corpus_dir")
