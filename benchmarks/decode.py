@@ -78,14 +78,12 @@ def write_corpus(directory: pathlib.Path, train_files: int = 3000, eval_files: i
 
 def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[str]:
     """Markdown rows: KV-cache bytes of configs/mimo_v2_flash.py, hybrid vs all-global."""
-    import dataclasses  # pylint: disable=import-outside-toplevel
-
     from configs import mimo_v2_flash  # pylint: disable=import-outside-toplevel
-    from mimo_jax.config import GA, model_config_from_dict  # pylint: disable=import-outside-toplevel
+    from mimo_jax.config import GA, model_config_from_dict, replace_model  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
 
     config = model_config_from_dict(mimo_v2_flash.get_config().model)
-    all_global = dataclasses.replace(config, layer_types=(GA,) * config.num_layers).validate()
+    all_global = replace_model(config, layer_types=(GA,) * config.num_layers)
     rows = ["| context | hybrid (39 SWA rings of 129 + 9 GA) | all-global (48 GA) | hybrid / all-global "
             "| MTP head ring |",
             "|---|---|---|---|---|"]
@@ -167,18 +165,17 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     Every variant is compiled first, then the variants run in turn for `rounds` rounds and each
     keeps its fastest time: on a shared machine the minimum is the least disturbed measurement.
     """
-    import dataclasses  # pylint: disable=import-outside-toplevel
-
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
+    from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
     from mimo_jax.generate import load_checkpoint  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
     from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
 
     model, params, tokenizer = load_checkpoint(checkpoint)
-    model = MiMoV2Flash(dataclasses.replace(model.config, moe_impl=moe_impl).validate())
+    model = MiMoV2Flash(replace_model(model.config, moe_impl=moe_impl))
     unstack = {"auto": None, "scanned": False, "unstacked": True}[layers]
     prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
                             batch, prompt_len)

@@ -150,11 +150,7 @@ def main(argv: list[str]) -> None:
     if _PROMPT.value is None:
         sys.exit("error: --prompt is required")
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
-    from mimo_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
-    from mimo_jax.convert.errors import CheckpointError as HFError  # pylint: disable=import-outside-toplevel
-    from mimo_jax.data.errors import DataError  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.checkpoint import CheckpointError  # pylint: disable=import-outside-toplevel
     try:
         sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
         overrides = {key: flag.value for key, flag in (("dtype", _DTYPE), ("moe_impl", _MOE_IMPL))
@@ -170,8 +166,7 @@ def main(argv: list[str]) -> None:
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value,
                       sampling=sampling, seed=_SEED.value, stream=_STREAM.value)
-    except (CheckpointNotFound, CheckpointError, HFError, ConfigError, DataError,
-            ValueError) as err:
+    except ValueError as err:  # every error of bad input here is one (config, checkpoint, data)
         sys.exit(f"error: {err}")
     if _STREAM.value:
         line = (f"{figures['tokens']} tokens; first after {figures['first_token_s']:.2f} s "

@@ -91,8 +91,7 @@ def stream_step(stream: StreamFn | None, new_tokens: jax.Array, count: jax.Array
 @flax.struct.dataclass
 class _State:
     tokens: jax.Array  # [B, S]
-    frontier: jax.Array  # [B] position of the newest token
-    generated: jax.Array  # [B]
+    frontier: jax.Array  # [B] newest position; frontier + 1 - length = tokens generated
     done: jax.Array  # [B]
     steps: jax.Array  # [B]
     cache: dict
@@ -118,6 +117,8 @@ def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
     return decode.write_rows(buffer, lengths, first, count), count, done, rng
 
 
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling",
+                                             "prefill_chunk", "unstack_layers", "stream"))
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
@@ -134,8 +135,8 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
         rng, last_logits, prompts, lengths, total, sampling, max_new_tokens=max_new_tokens,
         stop_tokens=stops, stream=stream)
     zeros = jnp.zeros((b,), jnp.int32)
-    state = _State(tokens=buffer, frontier=lengths - 1 + count, generated=count, done=done,
-                   steps=zeros, cache=cache, rng=rng)
+    state = _State(tokens=buffer, frontier=lengths - 1 + count, done=done, steps=zeros,
+                   cache=cache, rng=rng)
 
     def step(state: _State) -> _State:
         rng, step_rng = jax.random.split(state.rng)
@@ -146,25 +147,17 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
         logits = decode.logits(model, params, hidden)
         new = sample(step_rng, logits[:, 0], sampling)[:, None]
         active = ~state.done
-        count, done = commit_count(new, jnp.ones((b,), jnp.int32), state.generated, state.done,
-                                   max_new_tokens=max_new_tokens, stop_tokens=stops)
+        count, done = commit_count(new, jnp.ones((b,), jnp.int32), state.frontier + 1 - lengths,
+                                   state.done, max_new_tokens=max_new_tokens, stop_tokens=stops)
         stream_step(stream, new, count)
         return _State(tokens=decode.write_rows(state.tokens, state.frontier + 1, new, count),
-                      frontier=state.frontier + count, generated=state.generated + count,
-                      done=done, steps=state.steps + active,
+                      frontier=state.frontier + count, done=done, steps=state.steps + active,
                       cache={"decoder": decoder_cache, "mtp": state.cache["mtp"]}, rng=rng)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
     return Generation(tokens=state.tokens, lengths=state.frontier + 1, prompt_lengths=lengths,
-                      num_generated=state.generated, steps=state.steps, committed=state.steps)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, unstack_layers: bool | None, stream: StreamFn | None):
-    return jax.jit(functools.partial(
-        _generate, config=config, max_new_tokens=max_new_tokens, sampling=sampling,
-        prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream))
+                      num_generated=state.frontier + 1 - lengths, steps=state.steps,
+                      committed=state.steps)
 
 
 def check_generation_args(config: ModelConfig, prompts: jax.Array, lengths: jax.Array,
@@ -201,5 +194,6 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    fn = _compiled(model.config, max_new_tokens, sampling, prefill_chunk, unstack_layers, stream)
-    return fn(params, prompts, lengths, rng, stop_array(stop_tokens))
+    return _generate(params, prompts, lengths, rng, stop_array(stop_tokens), config=model.config,
+                     max_new_tokens=max_new_tokens, sampling=sampling,
+                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream)

@@ -46,10 +46,9 @@ from mimo_jax.model.transformer import MiMoV2Flash
 @flax.struct.dataclass
 class _State:
     tokens: jax.Array  # [B, S] committed tokens, then the current drafts
-    frontier: jax.Array  # [B] position of the newest committed token
+    frontier: jax.Array  # [B] newest committed position; frontier + 1 - length = tokens generated
     window: jax.Array  # [B, 2k, D] main hidden states at window_start .. window_start+2k-1
     window_start: jax.Array  # [B]
-    generated: jax.Array  # [B]
     done: jax.Array  # [B]
     steps: jax.Array  # [B] verification passes
     committed: jax.Array  # [B] tokens those passes produced (before truncation)
@@ -121,6 +120,8 @@ def _accept(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, rng: j
     return jnp.where(index < accepted[:, None], padded, fix[:, None]), accepted
 
 
+@functools.partial(jax.jit, static_argnames=("config", "num_draft", "max_new_tokens", "sampling",
+                                             "prefill_chunk", "unstack_layers", "stream"))
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, num_draft: int, max_new_tokens: int, sampling: SamplingConfig,
@@ -146,7 +147,7 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
     window = decode.gather_rows(hidden, window_start, 2 * k)
     window = jnp.where((window_start[:, None] + jnp.arange(2 * k) >= 0)[..., None], window, 0)
     state = _State(tokens=buffer, frontier=lengths - 1 + count, window=window,
-                   window_start=window_start, generated=count, done=done, steps=zeros,
+                   window_start=window_start, done=done, steps=zeros,
                    committed=zeros, cache=cache, rng=rng)
 
     def step(state: _State) -> _State:
@@ -162,32 +163,22 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
                                                     state.cache["decoder"])
         logits = decode.logits(model, params, hidden)
         new, accepted = _accept(logits, chunk[:, 1:], draft_probs, accept_rng, sampling)
-        count, done = commit_count(new, accepted + 1, state.generated, state.done,
+        count, done = commit_count(new, accepted + 1, n + 1 - lengths, state.done,
                                    max_new_tokens=max_new_tokens, stop_tokens=stops)
         stream_step(stream, new, count)
         # Next window: main hidden states at n-k+1 .. n-1 (from this window), then n .. n+k.
         tail = decode.gather_rows(state.window, n - k + 1 - state.window_start, k - 1)
         window = jnp.concatenate([tail, hidden.astype(tail.dtype)], axis=1)
         return _State(tokens=decode.write_rows(tokens, n + 1, new, count), frontier=n + count,
-                      window=window, window_start=n - k + 1,
-                      generated=state.generated + count, done=done,
+                      window=window, window_start=n - k + 1, done=done,
                       steps=state.steps + active,
                       committed=state.committed + active * (accepted + 1),
                       cache={"decoder": decoder_cache, "mtp": mtp_caches}, rng=rng)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
     return Generation(tokens=state.tokens, lengths=state.frontier + 1, prompt_lengths=lengths,
-                      num_generated=state.generated, steps=state.steps,
+                      num_generated=state.frontier + 1 - lengths, steps=state.steps,
                       committed=state.committed)
-
-
-@functools.lru_cache(maxsize=16)
-def _compiled(config: ModelConfig, num_draft: int, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, unstack_layers: bool | None, stream: StreamFn | None):
-    return jax.jit(functools.partial(
-        _generate, config=config, num_draft=num_draft, max_new_tokens=max_new_tokens,
-        sampling=sampling, prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
-        stream=stream))
 
 
 def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
@@ -209,6 +200,6 @@ def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    fn = _compiled(model.config, num_draft, max_new_tokens, sampling, prefill_chunk,
-                   unstack_layers, stream)
-    return fn(params, prompts, lengths, rng, stop_array(stop_tokens))
+    return _generate(params, prompts, lengths, rng, stop_array(stop_tokens), config=model.config,
+                     num_draft=num_draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream)

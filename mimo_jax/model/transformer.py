@@ -139,14 +139,7 @@ class Decoder(nn.Module):
         moe_stats = []
         new_cache = {}
         for r, run in enumerate(layout.layer_runs(cfg)):
-            if cfg.scan_layers and cache is not None and run.length == 1:
-                name = layout.block_name(cfg, r, run.start)
-                x, (stats, new_cache[name]) = _first_of_run(layer_cls)(
-                    cfg, run.layer_type, run.mlp_type, name=name)(
-                        x, positions, segment_ids, cache[name])
-                if run.mlp_type == MOE:
-                    moe_stats.append(stats)
-            elif cfg.scan_layers:
+            if cfg.scan_layers and (cache is None or run.length > 1):
                 cached = cache is not None
                 # A decode step is a few tokens deep, so a rolled loop's per-layer dynamic slices
                 # of the stacked weights and caches (copies, every step) outweigh its arithmetic.
@@ -165,9 +158,12 @@ class Decoder(nn.Module):
                     moe_stats.extend(jax.tree.map(lambda s, j=j: s[j], stats)
                                      for j in range(run.length))
             else:
+                # Decoding a scanned run of one layer (each global layer) without its scan keeps
+                # its cache out of the scan's stacked inputs and outputs (see `_first_of_run`).
+                cls = _first_of_run(layer_cls) if cfg.scan_layers else layer_cls
                 for i in run.layers:
                     name = layout.block_name(cfg, r, i)
-                    x, stats = layer_cls(cfg, run.layer_type, run.mlp_type, name=name)(
+                    x, stats = cls(cfg, run.layer_type, run.mlp_type, name=name)(
                         x, positions, segment_ids,
                         *((cache[name],) if cache is not None else ()))
                     if cache is not None:
@@ -211,10 +207,10 @@ class MiMoV2Flash(nn.Module):
             positions = positions_from_segments(segment_ids)
         x = self.embed(tokens)
         hidden, moe_stats = self.decoder(x, positions, segment_ids)
-        logits = self.lm_head(self.final_norm(hidden))
+        logits = self.logits(hidden)
         mtp_logits = None
         if return_mtp and self.mtp_heads:
-            mtp_logits = jnp.stack([self.lm_head(normed) for normed in
+            mtp_logits = jnp.stack([self.mtp_logits(normed) for normed in
                                     self.mtp_hidden(hidden, tokens, positions, segment_ids)])
         if moe_stats:
             load = jnp.stack([s["load"] for s in moe_stats])

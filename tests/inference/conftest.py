@@ -7,6 +7,7 @@ import pytest
 
 import model_configs
 from mimo_jax.config import ModelConfig
+from mimo_jax.inference import decode
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
 
 
@@ -64,4 +65,16 @@ def fixture_prompts():
         rng = np.random.default_rng(seed)
         tokens = rng.integers(0, vocab, (len(lengths), max(lengths))).astype(np.int32)
         return tokens, np.asarray(lengths, np.int32)
+    return make
+
+
+@pytest.fixture(name="logits_step", scope="session")
+def fixture_logits_step():
+    """A factory: logits_step(model) is a jitted cached forward over a chunk that returns its
+    logits and the new cache."""
+    def make(model):
+        def step(params, tokens, positions, cache):
+            hidden, cache = decode.model_decode(model, params, tokens, positions, cache)
+            return decode.logits(model, params, hidden), cache
+        return jax.jit(step)
     return make

@@ -10,7 +10,6 @@ import pytest
 
 from mimo_jax.config import GA, SWA
 from mimo_jax.inference import cache as kv_cache
-from mimo_jax.inference import decode
 from mimo_jax.inference.generate import generate
 from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.model import layout
@@ -40,14 +39,6 @@ def _greedy_by_recompute(model, params, tokens, lengths, new_tokens):
     return [buffer[b, n:n + new_tokens].tolist() for b, n in enumerate(lengths)]
 
 
-def _logits_step(model):
-    """A jitted cached forward over a chunk that returns its logits and the new cache."""
-    def step(params, tokens, positions, cache):
-        hidden, cache = decode.model_decode(model, params, tokens, positions, cache)
-        return decode.logits(model, params, hidden), cache
-    return jax.jit(step)
-
-
 def test_greedy_cached_decoding_equals_full_recompute(decode_model, prompts):
     model, params = decode_model
     tokens, lengths = prompts(LENGTHS, model.config.vocab_size, seed=1)
@@ -63,7 +54,8 @@ def test_greedy_cached_decoding_equals_full_recompute(decode_model, prompts):
     assert len(set(map(tuple, expected))) == len(LENGTHS)  # rows differ
 
 
-def test_chunked_steps_and_rollback_match_full_forward(decode_config, random_params):
+def test_chunked_steps_and_rollback_match_full_forward(decode_config, random_params,
+                                                       logits_step):
     """Teacher-forced logits to 1e-5 with unscanned layers (a cache entry per layer): prompts fed
     4 tokens at a time, single-token steps, a 4-token chunk, a rollback of its last 2 positions
     (as after rejected drafts) and a 3-token chunk over them; every step is a 4-wide chunk with
@@ -76,7 +68,7 @@ def test_chunked_steps_and_rollback_match_full_forward(decode_config, random_par
     cache = kv_cache.init_cache(model.config, 2, 48, extra_slots=3)
     assert set(cache["decoder"]) == {f"layer_{i}" for i in range(4)}
     expected = np.asarray(_full_forward(model)(params, jnp.asarray(final)))
-    step = _logits_step(model)
+    step = logits_step(model)
     decoder_cache = cache["decoder"]
     frontier = np.zeros(2, np.int32)  # the next position to feed, per row
 

@@ -36,15 +36,7 @@ def _reference_logits(model, tokens: np.ndarray, prompt: int) -> list[np.ndarray
     return out
 
 
-def _logits_step(model):
-    """A jitted cached forward over a chunk that returns its logits and the new cache."""
-    def step(params, tokens, positions, cache):
-        hidden, cache = decode.model_decode(model, params, tokens, positions, cache)
-        return decode.logits(model, params, hidden), cache
-    return jax.jit(step)
-
-
-def test_cached_decoding_logits_match_transformers(tmp_path):
+def test_cached_decoding_logits_match_transformers(tmp_path, logits_step):
     torch_model = hf_reference.random_model(hf_reference.tiny_config(VOCAB), str(tmp_path))
     model, params = hf.load(str(tmp_path))
     assert model.config.sliding.sliding_window == WINDOW
@@ -56,7 +48,7 @@ def test_cached_decoding_logits_match_transformers(tmp_path):
     cache = kv_cache.init_cache(model.config, len(PROMPTS), total, num_mtp_heads=0)
     last, _, cache = jax.jit(lambda p, t, n, c: decode.prefill(model, p, t, n, c, chunk_size=4))(
         params, jnp.asarray(tokens[:, :width]), jnp.asarray(lengths), cache)
-    step = _logits_step(model)
+    step = logits_step(model)
     ours = [[np.asarray(last[b])[None]] for b in range(len(PROMPTS))]
     frontier = lengths.copy()
     decoder_cache = cache["decoder"]
