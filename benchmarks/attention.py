@@ -174,8 +174,7 @@ def main() -> None:
     parser.add_argument("--dense-limit-gb", type=float, default=12.0,
                         help="skip the dense path where its tensors would exceed this")
     args = parser.parse_args()
-    if args.backend != jax.default_backend() and not (args.backend == "cpu"
-                                                      and jax.default_backend() == "cpu"):
+    if args.backend != jax.default_backend():
         raise SystemExit(f"--backend {args.backend} but JAX's default backend is "
                          f"{jax.default_backend()!r}")
     on_cpu = args.backend == "cpu"

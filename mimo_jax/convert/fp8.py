@@ -56,6 +56,5 @@ def quantize(weight: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np
     padded[..., :rows, :cols] = weight
     blocks = padded.reshape(*lead, grid[-2], block[0], grid[-1], block[1])
     scale = np.maximum(np.abs(blocks).max(axis=(-3, -1)), 1e-12) / E4M3_MAX
-    expanded = np.repeat(np.repeat(scale, block[0], axis=-2), block[1], axis=-1)
-    quantized = (weight / expanded[..., :rows, :cols]).astype(ml_dtypes.float8_e4m3fn)
-    return quantized, scale.astype(np.float32)
+    quantized = (blocks / scale[..., :, None, :, None]).reshape(padded.shape)[..., :rows, :cols]
+    return quantized.astype(ml_dtypes.float8_e4m3fn), scale.astype(np.float32)

@@ -25,14 +25,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
 from mimo_jax.config import ModelConfig, replace_model
 from mimo_jax.convert import fp8, hf_config, hf_names
 from mimo_jax.convert.errors import CheckpointError
-from mimo_jax.convert.safetensors_io import CheckpointReader, PendingTensor, write_checkpoint
+from mimo_jax.convert.safetensors_io import (DTYPES, CheckpointReader, PendingTensor,
+                                             write_checkpoint)
 from mimo_jax.convert.weights import SCALE_SUFFIX, WeightReader
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
@@ -230,30 +230,20 @@ def _check_shapes(config: ModelConfig, params: dict) -> None:
                                   f"{tuple(given[path].shape)} but the config needs {spec.shape}")
 
 
-class _Quantized:
-    """One weight's FP8 form, computed when its first half is written and dropped after the
-    second, so that an export holds at most one quantised weight in host memory."""
-
-    def __init__(self, produce, block: tuple[int, int]):
-        self.produce, self.block, self.parts = produce, block, None
-
-    def part(self, index: int) -> np.ndarray:
-        if self.parts is None:
-            self.parts = list(fp8.quantize(self.produce(), self.block))
-        value, self.parts[index] = self.parts[index], None
-        if all(p is None for p in self.parts):
-            self.parts = None
-        return value
-
-
 def _fp8_tensors(name: str, shape: tuple[int, ...], produce,
                  block: tuple[int, int]) -> list[PendingTensor]:
-    """`name` as float8 e4m3 plus its `_scale_inv` block scales (float32)."""
-    quantized = _Quantized(produce, block)
-    return [PendingTensor(name, shape, np.dtype(ml_dtypes.float8_e4m3fn),
-                          lambda: quantized.part(0)),
+    """`name` as float8 e4m3 plus its `_scale_inv` block scales (float32). The writer produces
+    tensors in list order, so the weight is quantised once and only its scales wait."""
+    scales = []
+
+    def weight() -> np.ndarray:
+        quantized, scale = fp8.quantize(produce(), block)
+        scales.append(scale)
+        return quantized
+
+    return [PendingTensor(name, shape, DTYPES["F8_E4M3"], weight),
             PendingTensor(name + SCALE_SUFFIX, fp8.scale_shape(shape, block),
-                          np.dtype(np.float32), lambda: quantized.part(1))]
+                          np.dtype(np.float32), scales.pop)]
 
 
 def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | None = None,
@@ -273,15 +263,16 @@ def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | 
       max_shard_bytes: larger checkpoints are split into shards plus an index.
     Returns the safetensors file names written.
     """
+    if fp8_block is not None:
+        if len(fp8_block) != 2 or not all(isinstance(b, int) and b > 0 for b in fp8_block):
+            raise ValueError(f"fp8_block must be two positive integers, got {fp8_block!r}")
+        fp8_block = tuple(fp8_block)
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]
     scanned = any(k.startswith("run_") for k in params.get("decoder", {}))
     config = replace_model(model_config, scan_layers=scanned)
     _check_shapes(config, params)
-    if fp8_block is not None and (len(fp8_block) != 2 or
-                                  not all(isinstance(b, int) and b > 0 for b in fp8_block)):
-        raise ValueError(f"fp8_block must be two positive integers, got {fp8_block!r}")
     stored = dtype or str(np.dtype(params["embed"]["embedding"].dtype))
     hf_cfg = hf_config.to_hf(config, stored)
     if fp8_block is not None:
@@ -294,7 +285,7 @@ def save(model_config: ModelConfig, params: dict, out_dir: str, *, dtype: str | 
             np.dtype(jnp.dtype(dtype)) if dtype else leaf.dtype)
         for name, shape, produce in source.export(leaf.shape, leaf.numpy):
             if fp8_block is not None and hf_names.stored_in_fp8(name):
-                tensors += _fp8_tensors(name, tuple(shape), produce, tuple(fp8_block))
+                tensors += _fp8_tensors(name, tuple(shape), produce, fp8_block)
             else:
                 tensors.append(PendingTensor(name, tuple(shape), target, produce))
     os.makedirs(out_dir, exist_ok=True)

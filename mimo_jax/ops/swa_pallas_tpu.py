@@ -352,7 +352,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
     seg_columns, seg_rows = _segment_layouts(segments, plan)
     has_segments = segments is not None
     scale = h ** -0.5
-    params = dict(plan=plan, scale=scale, has_segments=has_segments)
+    params = dict(plan=plan, scale=scale, has_segments=has_segments, group=group)
 
     # dq: grid (B, K, query blocks, key steps), the group's G heads stacked in each step.
     maps = _QueryMajorMaps(plan)
@@ -363,7 +363,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
                      pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
         inputs += [seg_columns, seg_rows]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, group=group, **params),
+        functools.partial(_dq_kernel, **params),
         grid=(b, num_kv, plan.num_q_blocks, plan.kv_steps),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, group, bq, hp), maps.q_rows),
@@ -385,7 +385,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
                      pl.BlockSpec((None, SUBLANES, bq), maps.q_segments)]
         inputs += [seg_columns, seg_rows]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, group=group, **params),
+        functools.partial(_dkv_kernel, **params),
         grid=(b, num_kv, plan.num_k_blocks, plan.q_steps),
         in_specs=in_specs,
         out_specs=[pl.BlockSpec((None, None, bk, hp), maps.kv_rows),

@@ -5,36 +5,23 @@ Inputs and weights are fresh random draws each run (the seed is in every failure
 """
 
 import dataclasses
-import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from configs import tiny
 from mimo_jax.config import model_config_from_dict
-from mimo_jax.model.transformer import MiMoV2Flash
-
-
-@pytest.fixture(name="seed")
-def fixture_seed() -> int:
-    return int(np.random.SeedSequence().entropy % (2 ** 31))
-
-
-def _relative_error(actual, expected) -> float:
-    actual, expected = (np.asarray(x, np.float64) for x in (actual, expected))
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
+from mimo_jax.model.transformer import MiMoV2Flash, init_params
+from attention_inputs import relative_error
 
 
 def _random_params(model: MiMoV2Flash, seed: int) -> dict:
     """Random weights of the model's parameter shapes, drawn with numpy (tracing init and drawing
     on the host costs far less than compiling init). Norm scales near 1; sinks of order 1, so the
     sink path carries weight."""
-    shapes = jax.eval_shape(functools.partial(model.init, return_mtp=True),
-                            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(nn.meta.unbox(shapes["params"]))
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     rng = np.random.default_rng(seed)
     params = []
     for path, leaf in leaves:
@@ -62,5 +49,5 @@ def test_tiny_model_with_pallas_attention_matches_reference(seed):
     pallas, reference = run("pallas"), run("reference")
     assert "sinks" in str(jax.tree_util.tree_structure(params))
     for name in ("logits", "mtp_logits"):
-        err = _relative_error(getattr(pallas, name), getattr(reference, name))
+        err = relative_error(getattr(pallas, name), getattr(reference, name))
         assert err <= 1e-5, f"{name} error {err:.2e} (seed {seed})"
