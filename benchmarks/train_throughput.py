@@ -70,15 +70,10 @@ def main(argv: list[str]) -> None:
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
-    import optax  # pylint: disable=import-outside-toplevel
 
-    from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
     from mimo_jax.train import partition  # pylint: disable=import-outside-toplevel
     from mimo_jax.train.flops import flops_per_token  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.optimizer import make_optimizer  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.state import init_state  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.trainer import build_configs  # pylint: disable=import-outside-toplevel
+    from mimo_jax.train.trainer import build_configs, step_program  # pylint: disable=import-outside-toplevel
 
     configs = build_configs(_CONFIG.value)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
@@ -86,21 +81,13 @@ def main(argv: list[str]) -> None:
     parallelism = partition.make_parallelism(configs.mesh, train_cfg.num_devices)
     mesh = parallelism.mesh
     partition.check_batch(batch, seq, train_cfg.grad_accum_steps, parallelism)
-    model = MiMoV2Flash(model_cfg)
-    params_shape = jax.eval_shape(lambda: init_state(model, optax.identity(), 0).params)
-    optimizer = make_optimizer(train_cfg, params_shape)
-    abstract = jax.eval_shape(lambda: init_state(model, optimizer, 0))
-    shardings = partition.state_shardings(abstract, model, parallelism)
-    state = jax.jit(lambda: init_state(model, optimizer, 0), out_shardings=shardings)()
-    # The trainer's own jitted step: the mesh, the logical rules and explicit shardings.
-    step = parallelism.jit_train_step(make_train_step(model, model_cfg, train_cfg, optimizer),
-                                      shardings, partition.batch_sharding(parallelism),
-                                      extra_args=1)
+    program = step_program(configs, parallelism, seed=0)  # the trainer's own jitted step
+    state, step = program.initial_state(seed=0), program.train_step
     rng = np.random.default_rng(0)
     host_batch = {"tokens": rng.integers(0, model_cfg.vocab_size, (batch, seq)).astype(np.int32),
                   "segment_ids": np.ones((batch, seq), np.int32),
                   "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1))}
-    device_batch = partition.global_batch(host_batch, parallelism)
+    device_batch = program.global_batch(host_batch, parallelism)
     learning_rate = np.float32(train_cfg.learning_rate)
 
     compile_start = time.perf_counter()

@@ -47,7 +47,7 @@ class TextDocuments:
     `max_bytes` > 0 cuts each file at line ends into pieces of at most that many bytes (a longer
     single line stays whole), so that shuffling mixes parts of many files into every batch
     instead of long runs of one file. `document_ends[i]` says whether piece i ends its file: only
-    those get the end-of-text token. Offsets are indexed once at start-up, so a document is one
+    those get the end-of-text token (None when every document is whole). Offsets are indexed once at start-up, so a document is one
     seek away.
     """
 
@@ -60,13 +60,13 @@ class TextDocuments:
             self._files = np.array([i for i, p in enumerate(self._paths) if os.path.getsize(p)],
                                    np.int64)
             self._offsets = self._lengths = None
-            self.document_ends = np.ones(len(self._files), bool)
+            self.document_ends = None
         elif unit == "file":
             self._files, self._offsets, self._lengths, self.document_ends = _index_chunks(
                 self._paths, max_bytes)
         elif unit == "line":
             self._files, self._offsets, self._lengths = _index_lines(self._paths)
-            self.document_ends = np.ones(len(self._files), bool)
+            self.document_ends = None
         else:
             raise ValueError(f"text document unit {unit!r} is not 'file' or 'line'")
         if len(self._files) == 0:

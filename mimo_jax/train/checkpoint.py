@@ -40,7 +40,7 @@ def architecture(config: ModelConfig) -> dict[str, Any]:
     return {k: v for k, v in model_config_to_dict(config).items() if k not in RUNTIME_FIELDS}
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -50,9 +50,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "model") -> dict[str, Any]:
     return out
 
 
-def architecture_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'model.KEY: checkpoint=A run=B' for each field that differs."""
-    a, b = _flatten(saved), _flatten(current)
+def mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """'PREFIX.KEY: checkpoint=A run=B' for each (nested) field that differs."""
+    a, b = _flatten(saved, prefix), _flatten(current, prefix)
     return [f"{key}: checkpoint={a.get(key)!r} run={b.get(key)!r}"
             for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
 
@@ -92,7 +92,7 @@ class Checkpointer:
         """Raises `CheckpointError` unless checkpoint `step` was written for this model/tokenizer."""
         saved = self.read_meta(step)
         where = self.directory / str(step)
-        diff = architecture_mismatch(saved.get("architecture", {}), meta["architecture"])
+        diff = mismatch(saved.get("architecture", {}), meta["architecture"], "model")
         if diff:
             raise CheckpointError(f"checkpoint {where} is for a different model config: "
                                   + "; ".join(diff[:6]) + ("; ..." if len(diff) > 6 else "")
@@ -101,10 +101,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} was trained with tokenizer "
                                   f"{saved.get('tokenizer')!r}, this run has "
                                   f"{meta.get('tokenizer')!r}")
-        stream_a, stream_b = saved.get("data_stream", {}), meta.get("data_stream", {})
-        changed = [f"data.{k}: checkpoint={stream_a.get(k)!r} run={stream_b.get(k)!r}"
-                   for k in sorted(set(stream_a) | set(stream_b))
-                   if stream_a.get(k) != stream_b.get(k)]
+        changed = mismatch(saved.get("data_stream", {}), meta.get("data_stream", {}), "data")
         if changed:
             raise CheckpointError(f"checkpoint {where} saved the position of a different data "
                                   "stream, so it cannot resume this one: " + "; ".join(changed)

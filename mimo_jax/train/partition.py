@@ -10,11 +10,7 @@ context-parallel attention take effect.
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mimo_jax.config import ConfigError
@@ -39,36 +35,17 @@ def check_batch(batch_size: int, seq_len: int, grad_accum_steps: int,
         raise ConfigError(f"config key 'data.batch_size' = {batch_size}: must be divisible by "
                           f"train.grad_accum_steps={grad_accum_steps}")
     spec = batch_spec(2, parallelism.rules)
-    sizes = dict(parallelism.mesh.shape)
-    rows = math.prod(sizes[a] for a in rules_lib.spec_axes(spec[0]))
+    rows = rules_lib.shard_count(P(spec[0]), parallelism.mesh)
     if (batch_size // grad_accum_steps) % rows:
         raise ConfigError(f"config key 'data.batch_size' = {batch_size}: each of the "
                           f"{grad_accum_steps} micro-batches must split over the {rows} "
                           f"batch shards of the mesh (mesh axes {rules_lib.spec_axes(spec[0])})")
-    pieces = math.prod(sizes[a] for a in rules_lib.spec_axes(spec[1]))
+    pieces = rules_lib.shard_count(P(spec[1]), parallelism.mesh)
     if seq_len % pieces:
         raise ConfigError(f"config key 'data.seq_len' = {seq_len}: must split over the {pieces} "
                           f"context shards of the mesh")
 
 
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
 def batch_sharding(parallelism: Parallelism) -> NamedSharding:
     """[B, T] arrays: rows over the batch axes, the sequence over the context axes."""
     return parallelism.sharding(batch_spec(2, parallelism.rules))
-
-
-def state_shardings(abstract_state: Any, model, parallelism: Parallelism) -> Any:
-    """Parameters as the rules say; optimizer moments like their parameters; the rest
-    (step, RNG key, counters) replicated."""
-    params, param_shardings = parallelism.param_shardings(model)
-    return parallelism.state_shardings(abstract_state, params, param_shardings)
-
-
-def global_batch(local_batch: dict[str, np.ndarray],
-                 parallelism: Parallelism) -> dict[str, jax.Array]:
-    """Per-process numpy rows -> one global jax.Array per key."""
-    sharding = batch_sharding(parallelism)
-    return parallelism.put_batch(local_batch, {k: sharding for k in local_batch})

@@ -128,6 +128,47 @@ def _abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
                         abstract, shardings)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepProgram:
+    """What a run trains with: the model, its optimizer, the abstract state and its shardings,
+    the batch sharding and the jitted train step (the throughput benchmark times this step)."""
+
+    model: MiMoV2Flash
+    params_shape: Any
+    optimizer: optax.GradientTransformation
+    abstract_state: Any
+    state_shardings: Any
+    batch_sharding: Any
+    train_step: Callable
+
+    def initial_state(self, seed: int) -> TrainState:
+        return jax.jit(lambda: init_state(self.model, self.optimizer, seed),
+                       out_shardings=self.state_shardings)()
+
+    def global_batch(self, local_batch: dict[str, np.ndarray],
+                     parallelism: Parallelism) -> dict[str, jax.Array]:
+        """Per-process numpy rows -> one global jax.Array per key."""
+        return parallelism.put_batch(local_batch,
+                                     {k: self.batch_sharding for k in local_batch})
+
+
+def step_program(configs: RunConfigs, parallelism: Parallelism, seed: int) -> StepProgram:
+    """Traces the model's parameters once and builds the train step under the mesh and rules."""
+    model = MiMoV2Flash(configs.model)
+    params_shape, param_shardings = parallelism.param_shardings(model)
+    optimizer = make_optimizer(configs.train, params_shape)
+    abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, seed))
+    state_shardings = parallelism.state_shardings(abstract_state, params_shape, param_shardings)
+    batch_sharding = partition.batch_sharding(parallelism)
+    # Traced under the mesh and the logical rules (the model's sharding constraints,
+    # expert-parallel dispatch and context-parallel attention), with explicit shardings.
+    train_step = parallelism.jit_train_step(
+        make_train_step(model, configs.model, configs.train, optimizer), state_shardings,
+        batch_sharding, extra_args=1)
+    return StepProgram(model, params_shape, optimizer, abstract_state, state_shardings,
+                       batch_sharding, train_step)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         stop_requested: Callable[[], bool] = lambda: False,
         log: Callable[[str], None] = print) -> RunResult:
@@ -211,31 +252,20 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
     meta, start, batches = setup.meta, setup.start, setup.batches
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     is_first = jax.process_index() == 0
-    model = MiMoV2Flash(model_cfg)
-    params_shape = jax.eval_shape(lambda: init_state(model, optax.identity(), 0).params)
-    optimizer = make_optimizer(train_cfg, params_shape)
+    program = step_program(configs, parallelism, train_cfg.seed)
     schedule = learning_rate_schedule(train_cfg)
-    abstract_state = jax.eval_shape(lambda: init_state(model, optimizer, train_cfg.seed))
-    state_shardings = partition.state_shardings(abstract_state, model, parallelism)
     if start:
         state = checkpointer.restore_state(
-            start, _abstract_with_shardings(abstract_state, state_shardings))
+            start, _abstract_with_shardings(program.abstract_state, program.state_shardings))
         log(f"resumed from {checkpointer.directory / str(start)}")
     else:
-        state = jax.jit(lambda: init_state(model, optimizer, train_cfg.seed),
-                        out_shardings=state_shardings)()
-    num_params = sum(x.size for x in jax.tree.leaves(params_shape))
+        state = program.initial_state(train_cfg.seed)
+    num_params = sum(x.size for x in jax.tree.leaves(program.params_shape))
     log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
         f"tokens; {train_cfg.steps} steps on {mesh.size} device(s)")
-
-    # Traced under the mesh and the logical rules (the model's sharding constraints,
-    # expert-parallel dispatch and context-parallel attention), with explicit shardings.
-    train_step = parallelism.jit_train_step(
-        make_train_step(model, model_cfg, train_cfg, optimizer), state_shardings,
-        partition.batch_sharding(parallelism), extra_args=1)
-    eval_step = parallelism.jit_eval_step(make_eval_step(model, model_cfg),
-                                          state_shardings.params,
-                                          partition.batch_sharding(parallelism))
+    train_step = program.train_step
+    eval_step = parallelism.jit_eval_step(make_eval_step(program.model, model_cfg),
+                                          program.state_shardings.params, program.batch_sharding)
     eval_cache: list[dict[str, np.ndarray]] = []
 
     def evaluate(params) -> dict[str, float] | None:
@@ -246,7 +276,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                                                     model_cfg.vocab_size, shard))
         sums = counts = 0.0
         for eval_batch in eval_cache:
-            out = eval_step(params, partition.global_batch(eval_batch, parallelism))
+            out = eval_step(params, program.global_batch(eval_batch, parallelism))
             sums, counts = sums + out["sums"], counts + out["counts"]
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         means = sums / np.maximum(counts, 1.0)
@@ -281,9 +311,9 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
         # tokens/s over the last `log_every` steps, timing only training: each interval runs from
         # the end of the previous step's bookkeeping (evals and saves excluded) to the metrics.
         window: collections.deque = collections.deque(maxlen=train_cfg.log_every)
-        interval_start, compiled = time.perf_counter(), False
+        interval_start = time.perf_counter()
         while step < train_cfg.steps:
-            state, metrics = train_step(state, partition.global_batch(batch, parallelism),
+            state, metrics = train_step(state, program.global_batch(batch, parallelism),
                                         np.float32(schedule(step)))
             data_state_now = batches.state_after_last
             step += 1
@@ -296,9 +326,8 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
                 raise DataError(f"reading training batch {step + 1} failed ({err}); "
                                 f"checkpoint saved at step {step}") from err
             values = jax.device_get(metrics)
-            if compiled:  # the first step's interval is mostly compilation
+            if step > start + 1:  # the first step's interval is mostly compilation
                 window.append((int(values["tokens"]), time.perf_counter() - interval_start))
-            compiled = True
             speed = (sum(t for t, _ in window) / max(sum(s for _, s in window), 1e-9)
                      if window else None)
             finite = bool(values["finite"])
