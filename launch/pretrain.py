@@ -10,7 +10,6 @@ Needs the `xm` extra (`pip install -e ".[xm]"`) and Docker. Examples:
     # per-device memory is checked first; the job is not queued if it does not fit:
     xmanager launch launch/pretrain.py -- --executor=tpu --slice=v5p-512 --topology=8x8x4 \
         --config=configs/mimo_v2_flash.py --workdir=gs://BUCKET/mimo/run1 \
-        --override=train.grad_accum_steps=16 --override=model.moe_impl=expert_parallel \
         --image_tag=gcr.io/PROJECT/mimo-jax:latest
 
 Every `--override=section.key=value` becomes `--config.section.key=value` of

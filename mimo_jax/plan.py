@@ -1,8 +1,7 @@
 """Prints the bytes per device a training run needs on a named TPU or GPU slice; does it fit?
 
     python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh v5p-512 \\
-        --param_dtype bfloat16 --config.train.grad_accum_steps=16 \\
-        --config.model.moe_impl=expert_parallel
+        --param_dtype bfloat16
     python -m mimo_jax.plan --config configs/mimo_v2_flash.py --mesh 8xH200 \\
         --config.mesh.ici=fsdp=-1,expert=8 --config.mesh.rules=fsdp_ep
 

@@ -125,7 +125,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(b, t, n, v.shape[-1])
 
 
-def _default_segments(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+def default_segments(segment_ids: jax.Array | None, b: int, t: int) -> jax.Array:
+    """int32 segment ids [B, T]; None means one document per row."""
     if segment_ids is None:
         return jnp.ones((b, t), jnp.int32)
     return segment_ids.astype(jnp.int32)
@@ -134,7 +135,7 @@ def _default_segments(segment_ids: jax.Array | None, b: int, t: int) -> jax.Arra
 def reference_attention(q, k, v, *, sinks=None, window=None, segment_ids=None) -> jax.Array:
     """Dense masked attention, O(T^2) time and memory. Same contract as `attention`."""
     b, t = q.shape[:2]
-    segments = _default_segments(segment_ids, b, t)
+    segments = default_segments(segment_ids, b, t)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = attention_mask(positions, positions, segments, segments, window)
     return masked_attention(q, k, v, mask, sinks).astype(q.dtype)
@@ -153,7 +154,7 @@ def chunked_attention(q, k, v, *, sinks=None, window=None, segment_ids=None,
     c = min(chunk_size, t)
     num_chunks = -(-t // c)
     pad = num_chunks * c - t
-    segments = _default_segments(segment_ids, b, t)
+    segments = default_segments(segment_ids, b, t)
     if pad:
         # Padded tail rows get segment 0: they see nothing and nothing sees them.
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))

@@ -28,11 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax.ops import attention as attention_ops
-from mimo_jax.ops.spec_axes import collective_axis, spec_axes
-
-
-def _pad_spec(spec: P, rank: int) -> P:
-    return P(*(tuple(spec) + (None,) * (rank - len(spec))))
+from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
 
 def is_context_sharded(q_spec: P | None,
@@ -121,7 +117,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
     axes. Other arguments and the result are as in `ops.attention.attention`.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    q_spec, kv_spec = _pad_spec(q_spec, 4), _pad_spec(kv_spec, 4)
+    q_spec, kv_spec = pad_spec(q_spec, 4), pad_spec(kv_spec, 4)
     if q_spec[1] != kv_spec[1] or q_spec[0] != kv_spec[0]:
         raise ValueError(f"q {q_spec} and k/v {kv_spec} must split batch and length alike")
     if q_spec[3] is not None or kv_spec[3] is not None:
@@ -137,8 +133,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
     head_axes, kv_head_axes = spec_axes(q_spec[2]), spec_axes(kv_spec[2])
     if kv_head_axes and kv_head_axes != head_axes:
         raise ValueError(f"KV heads split over {kv_head_axes} but query heads over {head_axes}")
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
+    segment_ids = attention_ops.default_segments(segment_ids, b, t)
     axis = collective_axis(context_axes)
     has_sinks = sinks is not None
 
@@ -173,5 +168,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
     in_specs = (q_spec, kv_spec, kv_spec, seg_spec) + ((P(q_spec[2]),) if has_sinks else ())
     out_spec = P(q_spec[0], q_spec[1], q_spec[2], None)
     mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec)
-    args = (q, k, v, segment_ids.astype(jnp.int32)) + ((sinks,) if has_sinks else ())
+    args = (q, k, v, segment_ids) + ((sinks,) if has_sinks else ())
     return mapped(*args)

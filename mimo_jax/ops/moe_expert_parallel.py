@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax.ops import moe as moe_ops
-from mimo_jax.ops.spec_axes import collective_axis, spec_axes
+from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
 TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
 
@@ -156,9 +156,9 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     send = _transport(transport)
 
     # 1. Sort the copies by expert; padding copies get expert id E and sort last, unsent.
-    expert_of_copy = jnp.where(mask[:, None], indices, num_experts).reshape(-1)
-    order = jnp.argsort(expert_of_copy, stable=True)
-    counts = jnp.bincount(expert_of_copy, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    order, counts, sorted_expert = moe_ops.sort_by_expert(
+        jnp.where(mask[:, None], indices, num_experts), num_experts + 1)
+    counts = counts[:num_experts]
     token_of_copy = order // top_k
     sorted_copies = jnp.take(tokens, token_of_copy, axis=0)  # [T*k, D]
     send_offsets = _exclusive_cumsum(counts)  # [E]
@@ -195,8 +195,7 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     returned = send(out, jnp.zeros_like(sorted_copies), receive_offsets.reshape(-1),
                     accepted.reshape(-1), return_offsets, send_sizes,
                     axis_name=axis, num_shards=num_shards)
-    copy_weight = jnp.take(weights.reshape(-1), order) * (jnp.take(expert_of_copy, order)
-                                                           < num_experts)
+    copy_weight = jnp.take(weights.reshape(-1), order) * (sorted_expert < num_experts)
     weighted = returned.astype(jnp.float32) * copy_weight[:, None]
     return jax.ops.segment_sum(weighted, token_of_copy, num_segments=num_tokens)
 
@@ -226,8 +225,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     b, t, d = x.shape
     if token_mask is None:
         token_mask = jnp.ones((b, t), bool)
-    token_spec = P(*(tuple(token_spec) + (None,) * (3 - len(token_spec))))
-    weight_spec = P(*(tuple(weight_spec) + (None,) * (3 - len(weight_spec))))
+    token_spec, weight_spec = pad_spec(token_spec, 3), pad_spec(weight_spec, 3)
     expert_axes = spec_axes(weight_spec[0])
     sizes = {} if mesh.empty else dict(mesh.shape)
     if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:

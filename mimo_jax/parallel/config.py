@@ -15,11 +15,11 @@ import dataclasses
 from typing import Any, Mapping
 
 from mimo_jax.config import ConfigError
+from mimo_jax.ops.moe_expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
 
 # Mesh axes in order from the least to the most communication-hungry: the device-mesh builder puts
 # later axes on the closest devices (the tensor axis's per-layer all-reduces on neighbours).
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
-EXPERT_TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -126,13 +126,3 @@ def mesh_config_from_dict(cfg: Mapping[str, Any] | None) -> MeshConfig:
         expert_capacity_factor=float(values["expert_capacity_factor"]),
         expert_transport=str(values["expert_transport"]),
     ).validate()
-
-
-def mesh_config_dict(**overrides: Any) -> dict[str, Any]:
-    """The defaults as a plain dict (for `configs/*.py`), with overrides applied."""
-    unknown = set(overrides) - set(_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"config keys {sorted('mesh.' + k for k in unknown)} are unknown")
-    values = dict(_DEFAULTS)
-    values.update(overrides)
-    return values

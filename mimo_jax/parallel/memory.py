@@ -32,6 +32,7 @@ import numpy as np
 from mimo_jax.config import MOE, SWA, ModelConfig, replace_model
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.ops.moe_expert_parallel import receive_capacity
+from mimo_jax.ops.spec_axes import pad_spec
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MESH_AXES, MeshConfig
 from mimo_jax.parallel.mesh import mesh_shape
@@ -114,9 +115,8 @@ class MemoryPlan:
 
 def _local_elements(shape: tuple[int, ...], spec, sizes: dict[str, int]) -> int:
     """Elements of the largest shard of an array with this PartitionSpec."""
-    entries = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
     count = 1
-    for dim, entry in zip(shape, entries):
+    for dim, entry in zip(shape, pad_spec(spec, len(shape))):
         parts = math.prod(sizes[a] for a in rules_lib.spec_axes(entry))
         count *= -(-dim // parts)
     return count

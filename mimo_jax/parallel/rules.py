@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec
 
+from mimo_jax.ops.spec_axes import spec_axes
+
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
 # Every preset splits the batch over all the axes that do not split the sequence or the heads.
@@ -61,15 +63,6 @@ def get_rules(name: str) -> Rules:
 def mesh_axes(logical: tuple[str | None, ...], rules: Rules) -> PartitionSpec:
     """Logical axis names of one array -> its mesh PartitionSpec under `rules`."""
     return nn.logical_to_mesh_axes(logical, rules)
-
-
-def spec_axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names) as a tuple."""
-    if entry is None or entry is PartitionSpec.UNCONSTRAINED:
-        return ()
-    if isinstance(entry, str):
-        return (entry,)
-    return tuple(entry)
 
 
 def shard_count(spec: PartitionSpec, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> int:

@@ -7,9 +7,9 @@ whose path its leaf's path ends with and whose shape it has; everything else (st
 scalars, the RNG key) is replicated. Batches split their rows over the `batch` rule's axes and
 their sequence over the `length` rule's axes.
 
-A step is traced inside `Parallelism.context()`: the mesh (`jax.set_mesh`), the logical rules
+`Parallelism.jit_train_step` / `jit_eval_step` trace a step under the mesh, the logical rules
 (`nn.logical_axis_rules`, read by `nn.with_logical_constraint` and by the expert- and
-context-parallel ops) and the expert-parallel options.
+context-parallel ops) and the expert-parallel options (`trace_context`).
 """
 
 from __future__ import annotations
@@ -111,12 +111,6 @@ class Parallelism:
                        transport=config.expert_transport))
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
-        """Mesh, rules and expert options for tracing (outside `jit`, e.g. around a jitted call)."""
-        with jax.set_mesh(self.mesh), self.trace_context():
-            yield
-
-    @contextlib.contextmanager
     def trace_context(self) -> Iterator[None]:
         """Rules and expert options only (usable inside a traced function)."""
         with nn.logical_axis_rules(self.rules), moe_expert_parallel.use_options(
@@ -129,10 +123,6 @@ class Parallelism:
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
-
-    def logical_sharding(self, logical: tuple[str | None, ...]) -> NamedSharding:
-        """The sharding of an array whose axes have these logical names."""
-        return self.sharding(rules_lib.mesh_axes(logical, self.rules))
 
     def param_shardings(self, model: nn.Module) -> tuple[PyTree, PyTree]:
         """(abstract params, NamedShardings) for `model`'s parameters under the rules."""

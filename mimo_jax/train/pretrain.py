@@ -48,7 +48,8 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every step at INFO
     import jax  # pylint: disable=import-outside-toplevel
     if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+        from mimo_jax.parallel import initialize_distributed  # pylint: disable=import-outside-toplevel
+        initialize_distributed(auto_detect=True)  # TPU pods, SLURM/Kubernetes find their peers
 
     # Imported after flag parsing so `--help` is fast and Grain workers see parsed flags.
     from mimo_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
