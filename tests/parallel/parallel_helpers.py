@@ -6,12 +6,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from configs import tiny
 import model_configs
 from mimo_jax.config import ModelConfig
-from mimo_jax.model.mtp import shift_left
+from mimo_jax.train import losses
 
 # XLA:CPU options for quick test compiles (the same numbers): no LLVM optimisation and no fusion
 # emitters roughly halve compile plus first run of these small programs.
@@ -52,15 +51,9 @@ def objective(model, params, batch) -> jax.Array:
     """Next-token + MTP cross-entropy (token means) + 0.01 x the balance loss."""
     out = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
                       return_mtp=model.config.num_mtp_heads > 0)
-    heads = [(1, out.logits)]
-    if out.mtp_logits is not None:
-        heads += [(k + 2, logits) for k, logits in enumerate(out.mtp_logits)]
-    total = jnp.zeros((), jnp.float32)
-    for shift, logits in heads:
-        targets, valid = shift_left(batch["tokens"], batch["segment_ids"], shift)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        total += jnp.sum(jnp.where(valid, ce, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
-    return total + 1e-2 * out.balance_loss
+    sums = losses.loss_sums(out, batch["tokens"], batch["segment_ids"])
+    counts = losses.target_counts(batch["segment_ids"], sums.shape[0] - 1)
+    return jnp.sum(sums / jnp.maximum(counts, 1.0)) + 1e-2 * out.balance_loss
 
 
 def max_relative_error(got, want) -> float:
