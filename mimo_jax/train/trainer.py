@@ -1,14 +1,15 @@
-"""The pretraining loop: build everything from one config, resume if a checkpoint exists, train.
+"""Pretraining, the training loop's first user: build everything from one config, resume if a
+checkpoint exists, train.
 
-`run(config, workdir)` is what `python -m mimo_jax.train.pretrain` calls; tests call it too.
+`run(config, workdir)` is what `python -m mimo_jax.train.pretrain` calls; tests call it too. It
+checks the config, the data and the checkpoint directory before any compilation, builds the
+step program (`step_program`, shared with the throughput benchmark), and runs `loop.TrainLoop`
+with the standard hooks of `hooks.py`.
 
-Order of one step: dispatch the jitted step (asynchronous), read the next batch from Grain while
-the device computes, then fetch the step's metrics. The Grain iterator state is captured right
-after each batch is read, so a checkpoint at step N stores exactly "N batches consumed".
-
-Stops:
+Ends:
   done       `train.steps` reached: final eval, final checkpoint, params export, plot.
-  preempted  `stop_requested()` turned true (SIGTERM): checkpoint at the current step, return.
+  preempted  `stop_requested()` turned true (SIGTERM), or JAX's preemption service says so on a
+             multi-host run: checkpoint at the current step, return.
   errors     bad data mid-run: checkpoint at the last finished step, then the `DataError`;
              `max_nan_steps` non-finite steps in a row: `TrainingStopped`, no new checkpoint
              (the last good one stays the latest).
@@ -16,11 +17,9 @@ Stops:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import pathlib
-import time
 from typing import Any, Callable
 
 import jax
@@ -35,19 +34,24 @@ from mimo_jax.data.errors import DataError
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
 from mimo_jax.train import partition
-from mimo_jax.train.checkpoint import (EXPORT_DIR, CheckpointError, Checkpointer, architecture,
-                                       export_params)
+from mimo_jax.train.checkpoint import EXPORT_DIR, CheckpointError, Checkpointer, architecture
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
+from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
+                                  NonFiniteSteps, PlotCurves, Preemption)
+from mimo_jax.train.loop import Batches, LoopEnd, TrainingStopped, TrainLoop
 from mimo_jax.train.metrics import TENSORBOARD_DIR, MetricsWriter, Progress
 from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mimo_jax.train.state import TrainState, init_state
 from mimo_jax.train.step import make_eval_step, make_train_step
 
+# `TrainingStopped` is raised by `run` (the non-finite rule); callers catch it from here.
+__all__ = ["CONFIG_FILE", "TRAIN_RECORD_KEYS", "RunConfigs", "RunResult", "StepProgram",
+           "TrainingStopped", "build_configs", "run", "step_program", "summary_lines"]
+
 CONFIG_FILE = "config.json"
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); the message says what was kept."""
+# The pretraining step's metrics that go into each "train" record of metrics.jsonl.
+TRAIN_RECORD_KEYS = ("loss", "ce", "mtp", "balance", "grad_norm", "learning_rate",
+                     "max_load_violation")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,26 +95,6 @@ def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> No
     tmp = path.with_name(CONFIG_FILE + ".tmp")
     tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     tmp.replace(path)
-
-
-class _Batches:
-    """The training iterator, remembering its state after the last batch handed out."""
-
-    def __init__(self, dataset, data_state: Any | None):
-        self._iterator = iter(dataset)
-        if data_state is not None:
-            self._iterator.set_state(data_state)
-        self.state_after_last = self._iterator.get_state()
-
-    def next(self) -> dict[str, np.ndarray]:
-        batch = next(self._iterator)
-        self.state_after_last = self._iterator.get_state()
-        return batch
-
-    def close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
 
 
 def _data_stream(config: DataConfig, shard: pipeline.ProcessShard) -> dict[str, Any]:
@@ -207,19 +191,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             checkpointer.check(start, meta)
             data_state = checkpointer.restore_data_state(start)
         try:
-            batches = _Batches(pipeline.train_batches(data_cfg, train_sources, tokenizer,
-                                                      model_cfg.vocab_size, shard), data_state)
+            batches = Batches(iter(pipeline.train_batches(data_cfg, train_sources, tokenizer,
+                                                          model_cfg.vocab_size, shard)),
+                              data_state)
         except (KeyError, IndexError, TypeError, ValueError) as err:
             if isinstance(err, DataError) or data_state is None:
                 raise
             raise CheckpointError(f"the data position saved in checkpoint "
                                   f"{checkpointer.directory / str(start)} does not fit this data "
                                   f"pipeline: {type(err).__name__}: {err}") from err
-        # The first batch before any compilation: bad data fails in seconds.
-        batch = batches.next() if start < train_cfg.steps else None
+        if start < train_cfg.steps:
+            batches.read_ahead()  # the first batch before any compilation: bad data fails fast
         setup = _Setup(configs, workdir, parallelism, shard, tokenizer, eval_sources,
-                       checkpointer, meta, start, batches)
-        return _train(setup, batch, stop_requested, log)
+                       checkpointer, meta, start)
+        return _train(setup, batches, stop_requested, log)
     finally:
         if batches is not None:
             batches.close()
@@ -239,44 +224,29 @@ class _Setup:
     checkpointer: Checkpointer
     meta: dict
     start: int  # the step restored from (0 for a fresh run)
-    batches: _Batches
 
 
-def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
-           stop_requested: Callable[[], bool], log: Callable[[str], None]) -> RunResult:
-    """The part of `run` after the data and the checkpoint directory are known to be good."""
-    configs, workdir, shard = setup.configs, setup.workdir, setup.shard
-    parallelism = setup.parallelism
-    mesh = parallelism.mesh
-    tokenizer, eval_sources, checkpointer = setup.tokenizer, setup.eval_sources, setup.checkpointer
-    meta, start, batches = setup.meta, setup.start, setup.batches
-    model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
-    is_first = jax.process_index() == 0
-    program = step_program(configs, parallelism, train_cfg.seed)
-    schedule = learning_rate_schedule(train_cfg)
-    if start:
-        state = checkpointer.restore_state(
-            start, _abstract_with_shardings(program.abstract_state, program.state_shardings))
-        log(f"resumed from {checkpointer.directory / str(start)}")
-    else:
-        state = program.initial_state(train_cfg.seed)
-    num_params = sum(x.size for x in jax.tree.leaves(program.params_shape))
-    log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
-        f"tokens; {train_cfg.steps} steps on {mesh.size} device(s)")
-    train_step = program.train_step
-    eval_step = parallelism.jit_eval_step(make_eval_step(program.model, model_cfg),
-                                          program.state_shardings.params, program.batch_sharding)
-    eval_cache: list[dict[str, np.ndarray]] = []
+class _HeldOutLoss:
+    """The eval losses of some parameters over the eval batches (read once, on first use)."""
 
-    def evaluate(params) -> dict[str, float] | None:
-        if not eval_sources:
-            return None
-        if not eval_cache:
-            eval_cache.extend(pipeline.eval_batches(data_cfg, eval_sources, tokenizer,
-                                                    model_cfg.vocab_size, shard))
+    def __init__(self, setup: _Setup, program: StepProgram):
+        self._setup = setup
+        self._program = program
+        self._eval_step = setup.parallelism.jit_eval_step(
+            make_eval_step(program.model, setup.configs.model), program.state_shardings.params,
+            program.batch_sharding)
+        self._batches: list[dict[str, np.ndarray]] = []
+
+    def __call__(self, params: Any) -> dict[str, Any]:
+        """{"loss", "perplexity", "tokens"} and, with MTP heads, "mtp_loss" (their mean)."""
+        setup = self._setup
+        if not self._batches:
+            self._batches = list(pipeline.eval_batches(
+                setup.configs.data, setup.eval_sources, setup.tokenizer,
+                setup.configs.model.vocab_size, setup.shard))
         sums = counts = 0.0
-        for eval_batch in eval_cache:
-            out = eval_step(params, program.global_batch(eval_batch, parallelism))
+        for batch in self._batches:
+            out = self._eval_step(params, self._program.global_batch(batch, setup.parallelism))
             sums, counts = sums + out["sums"], counts + out["counts"]
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         means = sums / np.maximum(counts, 1.0)
@@ -286,115 +256,89 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
             result["mtp_loss"] = float(np.mean(means[1:]))
         return result
 
-    writer = MetricsWriter(workdir, start, train_cfg.tensorboard, is_writer=is_first)
+
+@dataclasses.dataclass(frozen=True)
+class _PretrainHooks:
+    """The hooks whose outcome goes into the `RunResult` (None: not added to this run)."""
+
+    non_finite: NonFiniteSteps
+    checkpoint: Checkpoint
+    evaluation: Evaluation | None
+    export: ExportParams | None
+    plot: PlotCurves | None
+
+    def result(self, end: LoopEnd, workdir: pathlib.Path) -> RunResult:
+        """What the run did, once the loop has ended with `end`."""
+        evaluation = self.evaluation
+        return RunResult(status="done" if end.done else "preempted", step=end.info.step,
+                         workdir=workdir, last_checkpoint=self.checkpoint.last_saved,
+                         eval_loss=evaluation.final_loss if evaluation else None,
+                         first_eval_loss=evaluation.first_loss if evaluation else None,
+                         plot=self.plot.path if self.plot else None,
+                         export=self.export.path if self.export else None,
+                         skipped_steps=self.non_finite.skipped)
+
+
+def _add_hooks(loop: TrainLoop, setup: _Setup, program: StepProgram, writer: MetricsWriter,
+               progress: Progress, stop_requested: Callable[[], bool]) -> _PretrainHooks:
+    """Pretraining's hooks in their order: log the step, the non-finite rule, save, preemption,
+    evaluate; export and plot at the end."""
+    train_cfg, workdir, checkpointer = setup.configs.train, setup.workdir, setup.checkpointer
+    loop.add_hook(MetricsLog(writer, progress, steps=train_cfg.steps,
+                             log_every=train_cfg.log_every, record_keys=TRAIN_RECORD_KEYS))
+    non_finite = loop.add_hook(NonFiniteSteps(train_cfg.max_nan_steps, checkpointer,
+                                              progress.message))
+    checkpoint = loop.add_hook(Checkpoint(checkpointer, setup.meta, last_saved=setup.start or None),
+                               every=train_cfg.checkpoint_every)
+    # Multi-host: the processes must agree on the step to stop at; JAX's preemption service
+    # (started by jax.distributed.initialize) does that.
+    loop.add_hook(Preemption(stop_requested, checkpointer.manager.reached_preemption
+                             if jax.process_count() > 1 else None))
+    evaluation = export = plot = None
+    if setup.eval_sources:
+        evaluation = loop.add_hook(
+            Evaluation(_HeldOutLoss(setup, program), writer, progress.message,
+                       at_start=train_cfg.eval_every > 0), every=train_cfg.eval_every)
+    if train_cfg.export_params:
+        export = loop.add_hook(ExportParams(workdir / EXPORT_DIR, setup.configs.model,
+                                            workdir / pipeline.TOKENIZER_FILE), every=0)
+    if train_cfg.plot and jax.process_index() == 0:
+        plot = loop.add_hook(PlotCurves(workdir), every=0)
+    return _PretrainHooks(non_finite, checkpoint, evaluation, export, plot)
+
+
+def _train(setup: _Setup, batches: Batches, stop_requested: Callable[[], bool],
+           log: Callable[[str], None]) -> RunResult:
+    """The part of `run` after the data and the checkpoint directory are known to be good:
+    the step program, the state, and the loop with pretraining's hooks."""
+    configs, checkpointer, start = setup.configs, setup.checkpointer, setup.start
+    data_cfg, train_cfg = configs.data, configs.train
+    program = step_program(configs, setup.parallelism, train_cfg.seed)
+    if start:
+        state = checkpointer.restore_state(
+            start, _abstract_with_shardings(program.abstract_state, program.state_shardings))
+        log(f"resumed from {checkpointer.directory / str(start)}")
+    else:
+        state = program.initial_state(train_cfg.seed)
+    num_params = sum(x.size for x in jax.tree.leaves(program.params_shape))
+    log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
+        f"tokens; {train_cfg.steps} steps on {setup.parallelism.mesh.size} device(s)")
+
+    is_first = jax.process_index() == 0
+    writer = MetricsWriter(setup.workdir, start, train_cfg.tensorboard, is_writer=is_first)
     progress = Progress(train_cfg.progress, start, train_cfg.steps, train_cfg.log_every,
                         enabled=is_first)
-    last_saved = start or None
-    result = RunResult(status="done", step=start, workdir=workdir, last_checkpoint=last_saved)
-
-    def save(step: int, data_state_now: Any, current: TrainState) -> None:
-        nonlocal last_saved
-        if last_saved == step:
-            return
-        checkpointer.save(step, current, data_state_now, meta)
-        last_saved = result.last_checkpoint = step
-
     try:
-        if start == 0 and train_cfg.eval_every:
-            first = evaluate(state.params)
-            if first is not None:
-                writer.write(0, "eval", first)
-                result.first_eval_loss = first["loss"]
-                progress.message(f"step 0: eval loss {first['loss']:.4f}")
-        step = start
-        consecutive_bad = 0
-        # tokens/s over the last `log_every` steps, timing only training: each interval runs from
-        # the end of the previous step's bookkeeping (evals and saves excluded) to the metrics.
-        window: collections.deque = collections.deque(maxlen=train_cfg.log_every)
-        interval_start = time.perf_counter()
-        while step < train_cfg.steps:
-            state, metrics = train_step(state, program.global_batch(batch, parallelism),
-                                        np.float32(schedule(step)))
-            data_state_now = batches.state_after_last
-            step += 1
-            try:
-                batch = batches.next() if step < train_cfg.steps else None
-            except Exception as err:  # a data error mid-run: keep what was trained, then stop
-                jax.block_until_ready(state)
-                save(step, data_state_now, state)
-                checkpointer.wait()
-                raise DataError(f"reading training batch {step + 1} failed ({err}); "
-                                f"checkpoint saved at step {step}") from err
-            values = jax.device_get(metrics)
-            if step > start + 1:  # the first step's interval is mostly compilation
-                window.append((int(values["tokens"]), time.perf_counter() - interval_start))
-            speed = (sum(t for t, _ in window) / max(sum(s for _, s in window), 1e-9)
-                     if window else None)
-            finite = bool(values["finite"])
-            consecutive_bad = 0 if finite else consecutive_bad + 1
-            result.skipped_steps += not finite
-            record = {k: values[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm",
-                                             "learning_rate", "max_load_violation")}
-            record.update(tokens_per_sec=speed, skipped=not finite)
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps or not finite:
-                writer.write(step, "train", record)
-            progress.update(step, float(values["loss"]), float(values["ce"]), speed)
-            result.step = step
-            if not finite:
-                progress.message(f"step {step}: non-finite loss {float(values['loss'])} or "
-                                 f"gradient norm {float(values['grad_norm'])}; update skipped "
-                                 f"({consecutive_bad} in a row)")
-                if consecutive_bad >= train_cfg.max_nan_steps:
-                    checkpointer.wait()
-                    kept = checkpointer.latest_step()
-                    raise TrainingStopped(
-                        f"{consecutive_bad} non-finite steps in a row (up to step {step}); "
-                        f"stopped without saving. Last good checkpoint: "
-                        f"{'none' if kept is None else checkpointer.directory / str(kept)}")
-            # No periodic save inside a run of skipped steps: the newest checkpoint stays the
-            # last one written after a finite step.
-            if consecutive_bad == 0 and (step % train_cfg.checkpoint_every == 0
-                                         or step == train_cfg.steps):
-                save(step, data_state_now, state)
-            # Multi-host: the processes must agree on the step to save at; JAX's preemption
-            # service (started by jax.distributed.initialize) does that.
-            if stop_requested() or (jax.process_count() > 1
-                                    and checkpointer.manager.reached_preemption(step)):
-                save(step, data_state_now, state)
-                checkpointer.wait()
-                progress.message(f"stop requested: checkpoint saved at step {step}")
-                result.status = "preempted"
-                return result
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and (
-                    step != train_cfg.steps):
-                evaluated = evaluate(state.params)
-                if evaluated is not None:
-                    writer.write(step, "eval", evaluated)
-                    progress.message(f"step {step}: eval loss {evaluated['loss']:.4f} "
-                                     f"perplexity {evaluated['perplexity']:.2f}")
-            interval_start = time.perf_counter()
-        final = evaluate(state.params)
-        if final is not None:
-            writer.write(step, "eval", final)
-            result.eval_loss = final["loss"]
-            progress.message(f"step {step}: eval loss {final['loss']:.4f} "
-                             f"perplexity {final['perplexity']:.2f}")
-        # No batch was read ahead after the last step, so this is "`step` batches consumed".
-        save(step, batches.state_after_last, state)
-        checkpointer.wait()
-        if train_cfg.export_params:
-            result.export = export_params(workdir / EXPORT_DIR, state.params, model_cfg,
-                                          workdir / pipeline.TOKENIZER_FILE)
+        loop = TrainLoop(program.train_step, steps=train_cfg.steps,
+                         learning_rate=learning_rate_schedule(train_cfg),
+                         put_batch=lambda batch: program.global_batch(batch, setup.parallelism),
+                         say=progress.message)
+        hooks = _add_hooks(loop, setup, program, writer, progress, stop_requested)
+        end = loop.run(state, batches, start)
     finally:
         progress.close()
         writer.close()
-    if train_cfg.plot and is_first:
-        from mimo_jax.train.plotting import plot_metrics  # pylint: disable=import-outside-toplevel
-        try:
-            result.plot = plot_metrics(workdir)
-        except FileNotFoundError:
-            result.plot = None
-    return result
+    return hooks.result(end, setup.workdir)
 
 
 def summary_lines(result: RunResult) -> list[str]:
@@ -416,4 +360,3 @@ def summary_lines(result: RunResult) -> list[str]:
     if result.export is not None:
         lines.append(f"params:      {result.export} (params-only export for inference)")
     return lines
-
