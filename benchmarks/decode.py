@@ -168,14 +168,14 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     import jax  # pylint: disable=import-outside-toplevel
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
+    from mimo_jax.config import with_runtime  # pylint: disable=import-outside-toplevel
     from mimo_jax.generate import load_checkpoint  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
     from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
     from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
 
     model, params, tokenizer = load_checkpoint(checkpoint)
-    model = MiMoV2Flash(replace_model(model.config, moe_impl=moe_impl))
+    model = MiMoV2Flash(with_runtime(model.config, moe_impl=moe_impl))
     unstack = {"auto": None, "scanned": False, "unstacked": True}[layers]
     prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
                             batch, prompt_len)

@@ -2,7 +2,7 @@ r"""Train-step throughput: tokens/s and model FLOPs utilisation (MFU).
 
     python benchmarks/train_throughput.py --config configs/tiny.py
     python benchmarks/train_throughput.py --config configs/tiny.py --backend gpu \
-        --config.data.batch_size=64 --config.data.seq_len=2048 --config.model.dtype=bfloat16
+        --config.data.batch_size=64 --config.data.seq_len=2048 --config.model.runtime.dtype=bfloat16
 
 Times the jitted train step (the trainer's own: forward, backward, AdamW, router-bias update)
 on random full rows after warm-up, and prints one markdown table. Model FLOPs come from
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
     rows = [
         ("config", config_flags.get_config_filename(flags.FLAGS["config"])),
         ("device", f"{mesh.size} x {kind} ({_BACKEND.value})"),
-        ("model dtype / params", f"{model_cfg.dtype} / {model_cfg.param_dtype}"),
+        ("model dtype / params", f"{model_cfg.runtime.dtype} / {model_cfg.param_dtype}"),
         ("batch x seq", f"{batch} x {seq} = {tokens:,} tokens"),
         ("compile", f"{compile_seconds:.1f} s"),
         ("step time", f"{seconds * 1e3:.1f} ms"),

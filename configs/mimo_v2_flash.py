@@ -36,12 +36,17 @@ def get_config() -> ml_collections.ConfigDict:
     model.init_std = 0.006
     model.num_mtp_heads = 1  # 3 for post-training and speculative decoding
     model.param_dtype = "float32"
-    model.dtype = "bfloat16"
-    model.attention_impl = "auto"
-    model.attention_chunk_size = 128
-    model.moe_impl = "expert_parallel"  # falls back to ragged when experts are not split
     model.scan_layers = True
-    model.remat_policy = "full"
+    # How the model is computed (mimo_jax.config.RuntimeConfig): may change between runs of one
+    # checkpoint, e.g. --config.model.runtime.moe_impl=ragged.
+    model.runtime = runtime = ml_collections.ConfigDict()
+    runtime.dtype = "bfloat16"
+    runtime.attention_impl = "auto"
+    runtime.attention_chunk_size = 128
+    runtime.moe_impl = "expert_parallel"  # falls back to ragged when experts are not split
+    runtime.remat_policy = "full"
+    runtime.expert_capacity_factor = 1.25  # receive buffer vs balanced load; 0 = dropless
+    runtime.expert_transport = "auto"  # ragged_all_to_all on TPU/GPU
 
     # Input pipeline and optimisation of the 32k pre-training stage (SPEC.md). A real run points
     # data.train_sources at its corpus (e.g. array_record:/data/shards written by
@@ -84,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     train.mtp_loss_weight = 0.3
     train.balance_loss_weight = 1e-5
     train.bias_update_rate = 1e-3
-    train.compute_dtype = ""  # "" = model.dtype
+    train.compute_dtype = ""  # "" = model.runtime.dtype
     train.seed = 0
     train.log_every = 10
     train.eval_every = 2000
@@ -106,6 +111,4 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.ici = "fsdp=-1,expert=16,context=2"  # within a slice; -1 fills the rest
     mesh.dcn = "data=-1"  # across slices (1 on a single slice)
     mesh.rules = "fsdp_ep_cp"  # a preset of mimo_jax.parallel.rules.PRESETS
-    mesh.expert_capacity_factor = 1.25  # receive buffer vs balanced load; 0 = dropless
-    mesh.expert_transport = "auto"  # ragged_all_to_all on TPU/GPU
     return config

@@ -21,10 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_experts_per_token = 4
     model.init_std = 0.02
     model.num_mtp_heads = 2
-    model.dtype = "float32"
-    model.attention_chunk_size = 32
-    model.moe_impl = "dense"
-    model.remat_policy = "none"
+    model.runtime.update(dtype="float32", attention_chunk_size=32, moe_impl="dense",
+                         remat_policy="none", expert_capacity_factor=0.0)
 
     # A few minutes on 2 CPU cores: the embedded stdlib corpus in pieces of at most 2 KB (so every
     # batch mixes many files), short rows, warm-up then cosine, ~150k tokens in all.
@@ -49,5 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
     train.checkpoint_every = 50
     train.keep_every = 0
     # Pure FSDP over whatever devices there are (one CPU device: no split).
-    config.mesh.update(ici="fsdp=-1", dcn="", rules="fsdp", expert_capacity_factor=0.0)
+    config.mesh.update(ici="fsdp=-1", dcn="", rules="fsdp")
     return config

@@ -1,14 +1,30 @@
-"""Frozen, validated run configuration built from an `ml_collections.ConfigDict`.
+"""The model's config: its architecture (`ModelConfig`) and how it is computed (`RuntimeConfig`).
 
 Configs are written as ConfigDicts in `configs/*.py` (so they can be overridden from the command
-line); everything downstream reads these frozen dataclasses instead. A bad value fails here, at
-start-up, with a `ConfigError` naming the key and the value.
+line); everything downstream reads these frozen dataclasses instead. A bad value fails at start-up
+with a `ConfigError` naming the key and the value (`mimo_jax.config_reader`).
+
+The line between the two: `ModelConfig`'s own fields are what a checkpoint must match (parameter
+shapes and dtypes, and the layout of the layer stack: `param_dtype`, `scan_layers`); its `runtime`
+section (`config.model.runtime` in a run config) holds what may change between runs of one
+checkpoint: compute dtype, kernel and dispatch backends, rematerialisation, expert-parallel options.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
+
+from mimo_jax.config_reader import (ConfigError, Section, above, at_least, each_one_of, fail,
+                                    one_of, option, parse_value, read_section, replace, to_dict)
+from mimo_jax.ops.moe_expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
+
+__all__ = [
+    "ATTENTION_IMPLS", "DENSE", "DTYPES", "EXPERT_TRANSPORTS", "GA", "MOE", "MOE_IMPLS",
+    "REMAT_POLICIES", "RUNTIME_KEYS", "SWA", "AttentionConfig", "ConfigError", "ModelConfig",
+    "RuntimeConfig", "architecture", "default_layer_types", "default_mlp_types",
+    "model_config_from_dict", "model_config_to_dict", "replace_model", "with_runtime",
+]
 
 SWA = "sliding"
 GA = "global"
@@ -21,122 +37,143 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key and the value."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RuntimeConfig(Section):
+    """How the model is computed: may change between runs of one checkpoint.
+
+    dtype: compute dtype (parameters are cast to it in each matmul; `param_dtype` is stored).
+    attention_impl, attention_chunk_size: attention backend ("auto" picks per device) and the
+      query/key block of the chunked one.
+    moe_impl: routed-expert dispatch ("expert_parallel" is "ragged" when experts are not split).
+    remat_policy: what a decoder layer keeps for the backward pass.
+    expert_capacity_factor: the expert-parallel receive buffer holds ceil(factor * expected token
+      copies per shard) rows; copies past it are dropped. 0 means dropless (the worst case).
+    expert_transport: how token copies move between expert shards: "ragged_all_to_all" (TPU, GPU),
+      "all_to_all" (a padded dense exchange that every backend runs, CPU included) or "auto".
+    """
+
+    SECTION = "model.runtime"
+
+    dtype: str = option("float32", check=one_of(DTYPES))
+    attention_impl: str = option("auto", check=one_of(ATTENTION_IMPLS))
+    attention_chunk_size: int = option(128, check=at_least(1))
+    moe_impl: str = option("ragged", check=one_of(MOE_IMPLS))
+    remat_policy: str = option("none", check=one_of(REMAT_POLICIES))
+    expert_capacity_factor: float = option(0.0, check=at_least(0, "0 = dropless"))
+    expert_transport: str = option("auto", check=one_of(EXPERT_TRANSPORTS))
 
 
-def _fail(key: str, value: Any, why: str) -> None:
-    raise ConfigError(f"config key {key!r} = {value!r}: {why}")
+RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig(Section):
     """One attention layer type (sliding-window or global).
 
     `sliding_window` counts the keys a query sees, itself included: W=129 means the query and the
     128 tokens before it (the reference's `sliding_window_size=128`). None means full causal.
     """
 
-    num_heads: int
-    num_kv_heads: int
-    qk_head_dim: int
-    v_head_dim: int
-    rope_dim: int
-    rope_theta: float
-    sliding_window: int | None
-    attention_sink: bool
+    num_heads: int = option(check=at_least(1))
+    num_kv_heads: int = option(check=at_least(1))
+    qk_head_dim: int = option(check=at_least(1))
+    v_head_dim: int = option(check=at_least(1))
+    rope_dim: int = option()
+    rope_theta: float = option(check=above(0))
+    sliding_window: int | None = option(check=at_least(1, "or None"))
+    attention_sink: bool = option()
 
     def validate(self, prefix: str) -> None:
-        for name in ("num_heads", "num_kv_heads", "qk_head_dim", "v_head_dim"):
-            if getattr(self, name) < 1:
-                _fail(f"{prefix}.{name}", getattr(self, name), "must be >= 1")
         if self.num_heads % self.num_kv_heads:
-            _fail(f"{prefix}.num_kv_heads", self.num_kv_heads,
-                  f"must divide {prefix}.num_heads={self.num_heads}")
+            fail(f"{prefix}.num_kv_heads", self.num_kv_heads,
+                 f"must divide {prefix}.num_heads={self.num_heads}")
         if self.rope_dim < 0 or self.rope_dim > self.qk_head_dim or self.rope_dim % 2:
-            _fail(f"{prefix}.rope_dim", self.rope_dim,
-                  f"must be even and in [0, qk_head_dim={self.qk_head_dim}]")
-        if self.rope_theta <= 0:
-            _fail(f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            _fail(f"{prefix}.sliding_window", self.sliding_window, "must be >= 1 (or None)")
+            fail(f"{prefix}.rope_dim", self.rope_dim,
+                 f"must be even and in [0, qk_head_dim={self.qk_head_dim}]")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Architecture of MiMo-V2-Flash and its scaled-down relatives. SPEC.md has the numbers."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Section):
+    """Architecture of MiMo-V2-Flash and its scaled-down relatives (SPEC.md has the numbers), and
+    under `runtime` how it is computed.
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    layer_types: tuple[str, ...]  # per layer: "sliding" | "global"
-    mlp_types: tuple[str, ...]  # per layer: "dense" | "moe"
-    sliding: AttentionConfig
-    full: AttentionConfig
-    value_scale: float
-    dense_intermediate_size: int
-    moe_intermediate_size: int
-    num_experts: int
-    num_experts_per_token: int
-    routed_scaling_factor: float
-    norm_eps: float
-    init_std: float
-    num_mtp_heads: int
-    param_dtype: str
-    dtype: str
-    attention_impl: str
-    attention_chunk_size: int
-    moe_impl: str
-    scan_layers: bool
-    remat_policy: str
+    In a run config `layer_types` and `mlp_types` may be left empty ("") and derived from the
+    input-only keys `global_period` (layer 0 and every `global_period`-th layer after it are
+    global) and `num_dense_layers` (the first ones use a dense SwiGLU, the rest MoE).
+    """
+
+    SECTION = "model"
+    MOVED = {name: f"model.runtime.{name}" for name in RUNTIME_KEYS}
+    INPUT_KEYS = ("global_period", "num_dense_layers")
+
+    vocab_size: int = option(check=at_least(1))
+    hidden_size: int = option(check=at_least(1))
+    num_layers: int = option(check=at_least(1))
+    layer_types: tuple[str, ...] = option(check=each_one_of((SWA, GA)))  # per layer
+    mlp_types: tuple[str, ...] = option(check=each_one_of((DENSE, MOE)))  # per layer
+    sliding: AttentionConfig = option()
+    full: AttentionConfig = option()
+    value_scale: float = option()
+    dense_intermediate_size: int = option(check=at_least(1))
+    moe_intermediate_size: int = option(check=at_least(1))
+    num_experts: int = option(check=at_least(1))
+    num_experts_per_token: int = option(check=at_least(1))
+    routed_scaling_factor: float = option()
+    norm_eps: float = option(check=above(0))
+    init_std: float = option(check=above(0))
+    num_mtp_heads: int = option(check=at_least(0))
+    param_dtype: str = option(check=one_of(DTYPES))
+    scan_layers: bool = option()  # runs of identical layers as one scanned parameter stack
+    runtime: RuntimeConfig = option(RuntimeConfig())
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
+        """Indices of the layers with an MoE FFN."""
         return tuple(i for i, t in enumerate(self.mlp_types) if t == MOE)
 
     def attention(self, layer_type: str) -> AttentionConfig:
+        """The attention config of a layer type (SWA or GA)."""
         return self.sliding if layer_type == SWA else self.full
 
-    def validate(self) -> "ModelConfig":
-        for name in ("vocab_size", "hidden_size", "num_layers", "dense_intermediate_size",
-                     "moe_intermediate_size", "num_experts", "num_experts_per_token"):
-            if getattr(self, name) < 1:
-                _fail(f"model.{name}", getattr(self, name), "must be >= 1")
+    def validate(self, prefix: str) -> None:
         if self.num_experts_per_token > self.num_experts:
-            _fail("model.num_experts_per_token", self.num_experts_per_token,
-                  f"top-k cannot exceed model.num_experts={self.num_experts}")
-        for key, seq, allowed in (("model.layer_types", self.layer_types, (SWA, GA)),
-                                  ("model.mlp_types", self.mlp_types, (DENSE, MOE))):
+            fail(f"{prefix}.num_experts_per_token", self.num_experts_per_token,
+                 f"top-k cannot exceed {prefix}.num_experts={self.num_experts}")
+        for name in ("layer_types", "mlp_types"):
+            seq = getattr(self, name)
             if len(seq) != self.num_layers:
-                _fail(key, seq, f"has {len(seq)} entries but model.num_layers={self.num_layers}")
-            bad = [t for t in seq if t not in allowed]
-            if bad:
-                _fail(key, seq, f"entries must be in {allowed}, got {bad[0]!r}")
-        self.sliding.validate("model.sliding")
-        self.full.validate("model.full")
+                fail(f"{prefix}.{name}", seq,
+                     f"has {len(seq)} entries but {prefix}.num_layers={self.num_layers}")
         if self.sliding.qk_head_dim != self.full.qk_head_dim or (
                 self.sliding.v_head_dim != self.full.v_head_dim):
             # The MTP heads and the KV-cache layout assume one head geometry.
-            _fail("model.full.qk_head_dim", self.full.qk_head_dim,
-                  "sliding and global layers must share qk/v head dims")
-        if self.num_mtp_heads < 0:
-            _fail("model.num_mtp_heads", self.num_mtp_heads, "must be >= 0")
-        if self.norm_eps <= 0:
-            _fail("model.norm_eps", self.norm_eps, "must be > 0")
-        if self.init_std <= 0:
-            _fail("model.init_std", self.init_std, "must be > 0")
-        for key in ("param_dtype", "dtype"):
-            if getattr(self, key) not in DTYPES:
-                _fail(f"model.{key}", getattr(self, key), f"must be one of {DTYPES}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            _fail("model.attention_impl", self.attention_impl, f"must be one of {ATTENTION_IMPLS}")
-        if self.attention_chunk_size < 1:
-            _fail("model.attention_chunk_size", self.attention_chunk_size, "must be >= 1")
-        if self.moe_impl not in MOE_IMPLS:
-            _fail("model.moe_impl", self.moe_impl, f"must be one of {MOE_IMPLS}")
-        if self.remat_policy not in REMAT_POLICIES:
-            _fail("model.remat_policy", self.remat_policy, f"must be one of {REMAT_POLICIES}")
-        return self
+            fail(f"{prefix}.full.qk_head_dim", self.full.qk_head_dim,
+                 "sliding and global layers must share qk/v head dims")
+
+    @classmethod
+    def derive(cls, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        """Empty `layer_types` / `mlp_types` from `global_period` / `num_dense_layers`."""
+        values = dict(values)
+        period, num_dense = values.pop("global_period", None), values.pop("num_dense_layers", None)
+        if "num_layers" not in values:
+            return values  # reported as missing
+        num_layers = parse_value(int, values["num_layers"], f"{prefix}.num_layers")
+        if values.get("layer_types") in (None, ""):
+            if period is None:
+                raise ConfigError(f"config key '{prefix}.global_period' is missing")
+            period = parse_value(int, period, f"{prefix}.global_period")
+            if period < 1:
+                fail(f"{prefix}.global_period", period, "must be >= 1")
+            values["layer_types"] = default_layer_types(num_layers, period)
+        if values.get("mlp_types") in (None, ""):
+            if num_dense is None:
+                raise ConfigError(f"config key '{prefix}.num_dense_layers' is missing")
+            num_dense = parse_value(int, num_dense, f"{prefix}.num_dense_layers")
+            if not 0 <= num_dense <= num_layers:
+                fail(f"{prefix}.num_dense_layers", num_dense,
+                     f"must be in [0, num_layers={num_layers}]")
+            values["mlp_types"] = default_mlp_types(num_layers, num_dense)
+        return values
 
 
 def default_layer_types(num_layers: int, global_period: int) -> tuple[str, ...]:
@@ -149,91 +186,30 @@ def default_mlp_types(num_layers: int, num_dense_layers: int) -> tuple[str, ...]
     return tuple(DENSE if i < num_dense_layers else MOE for i in range(num_layers))
 
 
-def _get(cfg: Mapping[str, Any], key: str, prefix: str) -> Any:
-    if key not in cfg:
-        raise ConfigError(f"config key {prefix}.{key!r} is missing")
-    return cfg[key]
-
-
-def _parse_types(value: Any, key: str) -> tuple[str, ...] | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)):
-        _fail(key, value, "must be a list of names or a comma-separated string")
-    return tuple(value)
-
-
-def _attention_config(cfg: Mapping[str, Any], prefix: str) -> AttentionConfig:
-    window = _get(cfg, "sliding_window", prefix)
-    return AttentionConfig(
-        num_heads=int(_get(cfg, "num_heads", prefix)),
-        num_kv_heads=int(_get(cfg, "num_kv_heads", prefix)),
-        qk_head_dim=int(_get(cfg, "qk_head_dim", prefix)),
-        v_head_dim=int(_get(cfg, "v_head_dim", prefix)),
-        rope_dim=int(_get(cfg, "rope_dim", prefix)),
-        rope_theta=float(_get(cfg, "rope_theta", prefix)),
-        sliding_window=None if window is None else int(window),
-        attention_sink=bool(_get(cfg, "attention_sink", prefix)),
-    )
-
-
 def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
-    """Builds and validates a `ModelConfig` from the `model` section of a run config."""
-    known = {f.name for f in dataclasses.fields(ModelConfig)} | {
-        "global_period", "num_dense_layers"}
-    for key in cfg.keys():
-        if key not in known:
-            raise ConfigError(f"config key 'model.{key}' is unknown; known keys: {sorted(known)}")
-    num_layers = int(_get(cfg, "num_layers", "model"))
-    layer_types = _parse_types(cfg.get("layer_types"), "model.layer_types")
-    if layer_types is None:
-        period = int(_get(cfg, "global_period", "model"))
-        if period < 1:
-            _fail("model.global_period", period, "must be >= 1")
-        layer_types = default_layer_types(num_layers, period)
-    mlp_types = _parse_types(cfg.get("mlp_types"), "model.mlp_types")
-    if mlp_types is None:
-        num_dense = int(_get(cfg, "num_dense_layers", "model"))
-        if not 0 <= num_dense <= num_layers:
-            _fail("model.num_dense_layers", num_dense, f"must be in [0, num_layers={num_layers}]")
-        mlp_types = default_mlp_types(num_layers, num_dense)
-    return ModelConfig(
-        vocab_size=int(_get(cfg, "vocab_size", "model")),
-        hidden_size=int(_get(cfg, "hidden_size", "model")),
-        num_layers=num_layers,
-        layer_types=layer_types,
-        mlp_types=mlp_types,
-        sliding=_attention_config(_get(cfg, "sliding", "model"), "model.sliding"),
-        full=_attention_config(_get(cfg, "full", "model"), "model.full"),
-        value_scale=float(_get(cfg, "value_scale", "model")),
-        dense_intermediate_size=int(_get(cfg, "dense_intermediate_size", "model")),
-        moe_intermediate_size=int(_get(cfg, "moe_intermediate_size", "model")),
-        num_experts=int(_get(cfg, "num_experts", "model")),
-        num_experts_per_token=int(_get(cfg, "num_experts_per_token", "model")),
-        routed_scaling_factor=float(_get(cfg, "routed_scaling_factor", "model")),
-        norm_eps=float(_get(cfg, "norm_eps", "model")),
-        init_std=float(_get(cfg, "init_std", "model")),
-        num_mtp_heads=int(_get(cfg, "num_mtp_heads", "model")),
-        param_dtype=str(_get(cfg, "param_dtype", "model")),
-        dtype=str(_get(cfg, "dtype", "model")),
-        attention_impl=str(_get(cfg, "attention_impl", "model")),
-        attention_chunk_size=int(_get(cfg, "attention_chunk_size", "model")),
-        moe_impl=str(_get(cfg, "moe_impl", "model")),
-        scan_layers=bool(_get(cfg, "scan_layers", "model")),
-        remat_policy=str(_get(cfg, "remat_policy", "model")),
-    ).validate()
+    """Builds and validates a `ModelConfig` from the `model` section of a run config (a ConfigDict
+    or a mapping, e.g. `model_config_to_dict`'s output)."""
+    return read_section(ModelConfig, cfg)
 
 
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    """The inverse of `model_config_from_dict` (explicit layer/mlp types, no derived keys)."""
-    out = dataclasses.asdict(config)
-    out["layer_types"] = list(config.layer_types)
-    out["mlp_types"] = list(config.mlp_types)
+    """The inverse of `model_config_from_dict`: JSON-ready, explicit layer/mlp types, the runtime
+    as a nested dict."""
+    return to_dict(config)
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """What a checkpoint's parameters depend on: `model_config_to_dict` without the runtime."""
+    out = model_config_to_dict(config)
+    del out["runtime"]
     return out
 
 
 def replace_model(config: ModelConfig, **changes: Any) -> ModelConfig:
-    """`dataclasses.replace` followed by validation."""
-    return dataclasses.replace(config, **changes).validate()
+    """`config` with some fields replaced, validated (runtime fields: `with_runtime`)."""
+    return replace(config, **changes)
+
+
+def with_runtime(config: ModelConfig, **changes: Any) -> ModelConfig:
+    """`config` with some runtime fields replaced (e.g. `moe_impl="dense"`), validated."""
+    return replace(config, runtime=replace(config.runtime, **changes))

@@ -158,9 +158,9 @@ def main(argv: list[str]) -> None:
         if _CHECKPOINT.value:
             model, params, tokenizer = load_checkpoint(_CHECKPOINT.value)
             if overrides:
-                from mimo_jax.config import replace_model  # pylint: disable=import-outside-toplevel
+                from mimo_jax.config import with_runtime  # pylint: disable=import-outside-toplevel
                 from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
-                model = MiMoV2Flash(replace_model(model.config, **overrides))
+                model = MiMoV2Flash(with_runtime(model.config, **overrides))
         else:
             model, params, tokenizer = load_hf(_HF.value, **overrides)
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,

@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mimo_jax.config import DTYPES, ConfigError, model_config_from_dict, replace_model
+from mimo_jax.config import DTYPES, ConfigError, model_config_from_dict, with_runtime
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MESH_AXES, MeshConfig, mesh_config_from_dict
 from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
@@ -83,21 +83,22 @@ def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
         train_config = train_config_from_dict(train)
         accum = train_config.grad_accum_steps
         if train_config.compute_dtype:
-            model_config = replace_model(model_config, dtype=train_config.compute_dtype)
+            model_config = with_runtime(model_config, dtype=train_config.compute_dtype)
         optimizer_factory = functools.partial(optim.make_optimizer, train_config)
     plan = plan_memory(model_config, mesh_config, slice_spec, batch_size=int(data.batch_size),
                        seq_len=int(data.seq_len), grad_accum_steps=accum,
                        param_dtype=param_dtype, optimizer_dtype=optimizer_dtype,
                        optimizer_factory=optimizer_factory)
+    runtime = model_config.runtime
     header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
-              f"micro-batch(es); compute {model_config.dtype}; MoE {model_config.moe_impl}"
-              + (f" (capacity factor {mesh_config.expert_capacity_factor:g})"
-                 if model_config.moe_impl == "expert_parallel" else ""))
+              f"micro-batch(es); compute {runtime.dtype}; MoE {runtime.moe_impl}"
+              + (f" (capacity factor {runtime.expert_capacity_factor:g})"
+                 if runtime.moe_impl == "expert_parallel" else ""))
     table = format_plan(plan, header)
     split = expert_axes(mesh_config, plan.axis_sizes)
-    if split and model_config.moe_impl != "expert_parallel":
-        table += (f"\nnote: experts are split over {split} but model.moe_impl="
-                  f"{model_config.moe_impl!r}; set --config.model.moe_impl=expert_parallel so "
+    if split and runtime.moe_impl != "expert_parallel":
+        table += (f"\nnote: experts are split over {split} but model.runtime.moe_impl="
+                  f"{runtime.moe_impl!r}; set --config.model.runtime.moe_impl=expert_parallel so "
                   "tokens travel to the experts instead of the compiler gathering every "
                   "expert's weights")
     return plan, table

@@ -12,20 +12,18 @@ import jax  # noqa: E402  (must follow the environment set-up above)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import dataclasses  # noqa: E402
-
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 import model_configs  # noqa: E402
-from mimo_jax.config import ModelConfig  # noqa: E402
+from mimo_jax.config import ModelConfig, replace_model  # noqa: E402
 
 
 def small_model_config(**overrides) -> ModelConfig:
     """`model_configs.SMALL` (configs/tiny.py shrunk: 4 layers, window 9, float32, 8 experts top-2,
     vocab 512). Keyword overrides replace ModelConfig fields."""
     config = model_configs.tiny_model(model_configs.SMALL)
-    return dataclasses.replace(config, **overrides).validate() if overrides else config
+    return replace_model(config, **overrides) if overrides else config
 
 
 @pytest.fixture(scope="session", autouse=True)

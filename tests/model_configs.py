@@ -10,7 +10,7 @@ SMALL = {
     "sliding.v_head_dim": 16, "sliding.rope_dim": 8, "sliding.sliding_window": 9,
     "full.num_heads": 4, "full.num_kv_heads": 1, "full.qk_head_dim": 24, "full.v_head_dim": 16,
     "full.rope_dim": 8, "dense_intermediate_size": 128, "moe_intermediate_size": 32,
-    "num_experts": 8, "num_experts_per_token": 2, "attention_chunk_size": 8,
+    "num_experts": 8, "num_experts_per_token": 2, "runtime.attention_chunk_size": 8,
 }
 
 

@@ -135,9 +135,10 @@ def load(hf_dir: str, *, strict: bool = True, shardings: Any = None,
       strict: fail when the checkpoint holds tensors that no parameter uses.
       shardings: optional pytree of `jax.sharding.Sharding` shaped like the params; each parameter
         is placed with `jax.device_put` as soon as it is read.
-      **overrides: `ModelConfig` fields to change (dtype, param_dtype, attention_impl, moe_impl,
-        scan_layers, remat_policy, num_mtp_heads, ...). `param_dtype` and `dtype` default to the
-        checkpoint's `dtype`/`torch_dtype`; the router and its bias stay float32.
+      **overrides: `ModelConfig` fields to change (param_dtype, scan_layers, num_mtp_heads, ...)
+        and `RuntimeConfig` fields, which go to `model.config.runtime` (dtype, attention_impl,
+        moe_impl, remat_policy, ...). `param_dtype` and `dtype` default to the checkpoint's
+        `dtype`/`torch_dtype`; the router and its bias stay float32.
     Returns:
       (model, params): the Flax `MiMoV2Flash` module and its parameter tree.
     Raises:

@@ -20,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from mimo_jax.config import (DENSE, DTYPES, GA, MOE, SWA, AttentionConfig, ModelConfig,
-                             default_layer_types)
+from mimo_jax.config import (DENSE, DTYPES, GA, MOE, RUNTIME_KEYS, SWA, AttentionConfig,
+                             ModelConfig, default_layer_types)
+from mimo_jax.config_reader import read_section
 from mimo_jax.convert.errors import CheckpointError
 from mimo_jax.convert.fp8 import DEFAULT_BLOCK
 
@@ -33,9 +34,6 @@ DEFAULT_ROTARY_FACTOR = 0.334
 DEFAULT_VALUE_SCALE = 0.707
 # Keys that name the number of MTP heads; without one the loader counts `model.mtp.layers.{k}`.
 MTP_KEYS = ("num_nextn_predict_layers", "num_mtp_layers", "num_mtp_modules")
-# Run-time choices that a checkpoint does not fix; `from_hf` keyword arguments override them.
-RUNTIME_DEFAULTS = dict(attention_impl="auto", attention_chunk_size=128, moe_impl="ragged",
-                        scan_layers=True, remat_policy="none")
 
 
 def _bad(key: str, value: Any, why: str) -> CheckpointError:
@@ -198,7 +196,9 @@ def from_hf(hf: Mapping[str, Any], detected_mtp_heads: int | None = None,
 
     detected_mtp_heads: the MTP count to use when the config names none
       (`num_nextn_predict_layers`...), e.g. counted from the tensor names; None means 0.
-    overrides: any `ModelConfig` field (dtype, attention_impl, scan_layers, num_mtp_heads...).
+    overrides: any `ModelConfig` field (param_dtype, scan_layers, num_mtp_heads...) or
+      `RuntimeConfig` field (dtype, attention_impl, moe_impl...). The runtime is
+      `RuntimeConfig`'s defaults with the checkpoint's dtype; the layers are scanned.
     """
     _check_model_features(hf)
     hub = is_hub_form(hf)
@@ -258,15 +258,17 @@ def from_hf(hf: Mapping[str, Any], detected_mtp_heads: int | None = None,
         init_std=float(hf.get("initializer_range") or 0.006),
         num_mtp_heads=int(mtp),
         param_dtype=dtype,
-        dtype=dtype,
-        **RUNTIME_DEFAULTS,
+        scan_layers=True,
     )
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | set(RUNTIME_KEYS)
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"unknown ModelConfig override(s) {unknown}; known fields: {sorted(known)}")
-    fields.update(overrides)
-    return ModelConfig(**fields).validate()
+    overrides = dict(overrides)
+    fields["runtime"] = {"dtype": dtype, **{k: overrides.pop(k) for k in RUNTIME_KEYS
+                                            if k in overrides}}
+    fields.update(overrides)  # `runtime=RuntimeConfig(...)` replaces the whole section
+    return read_section(ModelConfig, fields)
 
 
 def _rotary_factor(rope_dim: int, head_dim: int) -> float:

@@ -89,7 +89,7 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, *, extra_slots:
     if batch < 1 or max_length < 1 or extra_slots < 0:
         raise ValueError(f"cache needs batch >= 1, max_length >= 1 and extra_slots >= 0; got "
                          f"batch={batch}, max_length={max_length}, extra_slots={extra_slots}")
-    dtype = dtype_of(config.dtype) if dtype is None else dtype
+    dtype = dtype_of(config.runtime.dtype) if dtype is None else dtype
     num_mtp_heads = config.num_mtp_heads if num_mtp_heads is None else num_mtp_heads
     if not 0 <= num_mtp_heads <= config.num_mtp_heads:
         raise ValueError(f"num_mtp_heads={num_mtp_heads} is not in [0, {config.num_mtp_heads}]")

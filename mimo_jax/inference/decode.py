@@ -119,7 +119,7 @@ def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Arr
     # One more column of padding so MTP heads may read the token after the last chunk.
     tokens = jnp.pad(tokens, ((0, 0), (0, padded - t + mtp_heads)))
     cfg = model.config
-    dtype = jnp.dtype(cfg.dtype)
+    dtype = jnp.dtype(cfg.runtime.dtype)
     hidden_all = jnp.zeros((b, padded, cfg.hidden_size), dtype) if keep_hidden else None
     last_hidden = jnp.zeros((b, cfg.hidden_size), dtype)
 

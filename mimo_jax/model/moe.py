@@ -30,6 +30,9 @@ class MoE(nn.Module):
     init_std: float
     routed_scaling_factor: float = 1.0
     impl: str = "dense"
+    # Receive buffer and transport of the "expert_parallel" dispatch.
+    expert_options: moe_expert_parallel.ExpertParallelOptions = (
+        moe_expert_parallel.ExpertParallelOptions())
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -65,7 +68,8 @@ class MoE(nn.Module):
                 w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
                 token_mask=segment_ids > 0,
                 token_spec=nn.logical_to_mesh_axes(("batch", "length", "embed")),
-                weight_spec=nn.logical_to_mesh_axes(("experts", "embed", "mlp")))
+                weight_spec=nn.logical_to_mesh_axes(("experts", "embed", "mlp")),
+                options=self.expert_options)
         else:
             y = moe_ops.dispatch(tokens.astype(self.dtype), weights, indices,
                                  w_gate.astype(self.dtype), w_up.astype(self.dtype),

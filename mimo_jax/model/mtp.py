@@ -57,7 +57,7 @@ class MTPHead(nn.Module):
         (h^k, normed, new cache).
         """
         cfg = self.config
-        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dtype, param_dtype = dtype_of(cfg.runtime.dtype), dtype_of(cfg.param_dtype)
 
         def norm(name):
             return RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -69,7 +69,8 @@ class MTPHead(nn.Module):
                                   param_dtype)
         h = jnp.einsum("bte,ed->btd", joined, eh_proj.astype(dtype))
         attention = Attention(cfg.sliding, cfg.hidden_size, cfg.value_scale, cfg.init_std,
-                              impl=cfg.attention_impl, chunk_size=cfg.attention_chunk_size,
+                              impl=cfg.runtime.attention_impl,
+                              chunk_size=cfg.runtime.attention_chunk_size,
                               dtype=dtype, param_dtype=param_dtype, name="attention")
         if cache is None:
             h = h + attention(norm("input_norm")(h), positions, segment_ids)

@@ -18,6 +18,7 @@ from mimo_jax.model.attention import Attention
 from mimo_jax.model.layers import DenseSwiGLU, Embed, LMHead, RMSNorm, dtype_of
 from mimo_jax.model.moe import MoE
 from mimo_jax.model.mtp import MTPHead, shift_left
+from mimo_jax.ops.moe_expert_parallel import ExpertParallelOptions
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the layer in the backward pass
@@ -70,13 +71,13 @@ class DecoderLayer(nn.Module):
         With a KV `cache` (decoding; positions -1 mark padding) it returns
         (x, (stats, new cache)) instead.
         """
-        cfg = self.config
-        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        cfg, runtime = self.config, self.config.runtime
+        dtype, param_dtype = dtype_of(runtime.dtype), dtype_of(cfg.param_dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         normed = RMSNorm(cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, name="input_norm")(x)
         attention = Attention(cfg.attention(self.layer_type), cfg.hidden_size, cfg.value_scale,
-                              cfg.init_std, impl=cfg.attention_impl,
-                              chunk_size=cfg.attention_chunk_size, dtype=dtype,
+                              cfg.init_std, impl=runtime.attention_impl,
+                              chunk_size=runtime.attention_chunk_size, dtype=dtype,
                               param_dtype=param_dtype, name="attention")
         if cache is None:
             x = x + attention(normed, positions, segment_ids).astype(x.dtype)
@@ -93,7 +94,10 @@ class DecoderLayer(nn.Module):
             ffn_out, stats = MoE(cfg.num_experts, cfg.num_experts_per_token,
                                  cfg.moe_intermediate_size, cfg.init_std,
                                  routed_scaling_factor=cfg.routed_scaling_factor,
-                                 impl=cfg.moe_impl, dtype=dtype, param_dtype=param_dtype,
+                                 impl=runtime.moe_impl, expert_options=ExpertParallelOptions(
+                                     capacity_factor=runtime.expert_capacity_factor,
+                                     transport=runtime.expert_transport),
+                                 dtype=dtype, param_dtype=param_dtype,
                                  name="moe")(normed, segment_ids)
         x = x + ffn_out.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -101,9 +105,9 @@ class DecoderLayer(nn.Module):
 
 
 def _layer_class(config: ModelConfig):
-    if config.remat_policy == "none":
+    if config.runtime.remat_policy == "none":
         return DecoderLayer
-    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat_policy],
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.runtime.remat_policy],
                     prevent_cse=not config.scan_layers)
 
 
@@ -182,7 +186,7 @@ class MiMoV2Flash(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dtype, param_dtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dtype, param_dtype = dtype_of(cfg.runtime.dtype), dtype_of(cfg.param_dtype)
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, cfg.init_std, dtype=dtype,
                            param_dtype=param_dtype)
         self.decoder = Decoder(cfg)

@@ -31,11 +31,8 @@ F expert ffn dim, P expert shards, C receive-buffer rows.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -61,25 +58,6 @@ class ExpertParallelOptions:
                              f"got {self.capacity_factor}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"expert transport {self.transport!r} is not one of {TRANSPORTS}")
-
-
-_OPTIONS: contextvars.ContextVar[ExpertParallelOptions] = contextvars.ContextVar(
-    "expert_parallel_options", default=ExpertParallelOptions())
-
-
-def current_options() -> ExpertParallelOptions:
-    """The options set by the innermost `use_options` (defaults: dropless, auto transport)."""
-    return _OPTIONS.get()
-
-
-@contextlib.contextmanager
-def use_options(options: ExpertParallelOptions) -> Iterator[None]:
-    """Sets the expert-parallel options for code traced inside the block."""
-    token = _OPTIONS.set(options)
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
 
 
 def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -203,8 +181,8 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
              w_up: jax.Array, w_down: jax.Array, *, token_mask: jax.Array | None,
              token_spec: P, weight_spec: P,
-             mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-             options: ExpertParallelOptions | None = None) -> jax.Array:
+             options: ExpertParallelOptions,
+             mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
     """Expert-parallel routed experts. Returns [B, T, D] in x's dtype.
 
     Args:
@@ -215,12 +193,11 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
       token_spec: mesh PartitionSpec of x ([batch, length, embed] under the logical rules).
       weight_spec: mesh PartitionSpec of w_gate ([experts, embed, mlp]); its first entry names
         the mesh axes that split the experts.
+      options: receive-buffer capacity and transport (the model's `RuntimeConfig`).
       mesh: defaults to the current mesh (`jax.sharding.get_abstract_mesh()`).
-      options: defaults to `current_options()`.
     Without a mesh, or when the experts are not split, this is the local dropless dispatch
     (`moe_ops.ragged_dispatch`) with padding outputs zeroed: the same result.
     """
-    options = current_options() if options is None else options
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     b, t, d = x.shape
     if token_mask is None:

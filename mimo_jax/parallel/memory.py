@@ -136,10 +136,10 @@ class _Activations:
     """Per-device bytes of activations named by logical axes (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, rules: rules_lib.Rules, sizes: dict[str, int],
-                 batch: int, length: int, mesh_config: MeshConfig):
+                 batch: int, length: int):
         self.config, self.rules, self.sizes = config, rules, sizes
-        self.batch, self.length, self.mesh_config = batch, length, mesh_config
-        self.compute = np.dtype(config.dtype).itemsize
+        self.batch, self.length = batch, length
+        self.compute = np.dtype(config.runtime.dtype).itemsize
 
     def bytes(self, shape: tuple[int, ...], logical: tuple[str | None, ...],
               itemsize: int | None = None) -> int:
@@ -184,13 +184,13 @@ class _Activations:
             self.sizes[a] for a in rules_lib.spec_axes(expert_spec[2])))
         n = self.local_tokens
         copies = n * k
-        if cfg.moe_impl == "expert_parallel" and shards > 1:
+        if cfg.runtime.moe_impl == "expert_parallel" and shards > 1:
             rows = receive_capacity(n, k, shards, e // shards,
-                                    self.mesh_config.expert_capacity_factor)
+                                    cfg.runtime.expert_capacity_factor)
             dots = [router, rows * f_local * self.compute * 2, rows * d * self.compute]
             other = [copies * d * self.compute * 2, rows * d * self.compute,
                      rows * f_local * self.compute]
-        elif cfg.moe_impl == "dense":
+        elif cfg.runtime.moe_impl == "dense":
             dots = [router, n * e * f_local * self.compute * 2, n * e * d * self.compute]
             other = [n * e * f_local * self.compute]
         else:
@@ -214,7 +214,7 @@ class _Activations:
         saved = working = 0
         for layer_type, mlp_type in zip(cfg.layer_types, cfg.mlp_types):
             x, dots, everything = self.layer(layer_type, mlp_type)
-            kept = {"none": everything, "full": x}.get(cfg.remat_policy, x + dots)
+            kept = {"none": everything, "full": x}.get(cfg.runtime.remat_policy, x + dots)
             saved += kept
             working = max(working, 2 * everything)
         mtp = 0
@@ -226,7 +226,7 @@ class _Activations:
         heads = (1 + cfg.num_mtp_heads + 1) * logits
         return [
             MemoryRow("activations: saved", saved,
-                      f"{cfg.num_layers} layers, remat {cfg.remat_policy!r}"),
+                      f"{cfg.num_layers} layers, remat {cfg.runtime.remat_policy!r}"),
             MemoryRow("activations: working", working,
                       "largest layer recomputed + its gradients"),
             MemoryRow("activations: heads", heads,
@@ -275,6 +275,6 @@ def plan_memory(model_config: ModelConfig, mesh_config: MeshConfig, slice_spec: 
         rows.append(MemoryRow("gradient accumulator", param_bytes,
                               f"{grad_accum_steps} micro-batches"))
     activations = _Activations(model_config, rules, sizes, batch_size // grad_accum_steps,
-                               seq_len, mesh_config)
+                               seq_len)
     rows += activations.rows()
     return MemoryPlan(slice_spec, sizes, mesh_config.rules, rows, activations.local_tokens)

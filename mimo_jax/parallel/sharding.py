@@ -7,9 +7,10 @@ whose path its leaf's path ends with and whose shape it has; everything else (st
 scalars, the RNG key) is replicated. Batches split their rows over the `batch` rule's axes and
 their sequence over the `length` rule's axes.
 
-`Parallelism.jit_train_step` / `jit_eval_step` trace a step under the mesh, the logical rules
+`Parallelism.jit_train_step` / `jit_eval_step` trace a step under the mesh and the logical rules
 (`nn.logical_axis_rules`, read by `nn.with_logical_constraint` and by the expert- and
-context-parallel ops) and the expert-parallel options (`trace_context`).
+context-parallel ops; `trace_context`). The expert-parallel options are the model's own
+(`RuntimeConfig`), passed to the MoE layers as module attributes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mimo_jax.ops import moe_expert_parallel
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MeshConfig
 from mimo_jax.parallel.mesh import make_mesh
@@ -94,27 +94,21 @@ def batch_spec(ndim: int, rules: rules_lib.Rules) -> PartitionSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Parallelism:
-    """A mesh, a logical rule preset and the expert-parallel options: everything `jit` needs."""
+    """A mesh and a logical rule preset: everything `jit` needs."""
 
     mesh: jax.sharding.Mesh
     rules: rules_lib.Rules
-    expert_options: moe_expert_parallel.ExpertParallelOptions = (
-        moe_expert_parallel.ExpertParallelOptions())
 
     @classmethod
     def from_config(cls, config: MeshConfig,
                     devices: list[jax.Device] | None = None) -> "Parallelism":
         """Builds the mesh over `devices` (default all) and looks up the rule preset."""
-        return cls(make_mesh(config, devices), rules_lib.get_rules(config.rules),
-                   moe_expert_parallel.ExpertParallelOptions(
-                       capacity_factor=config.expert_capacity_factor,
-                       transport=config.expert_transport))
+        return cls(make_mesh(config, devices), rules_lib.get_rules(config.rules))
 
     @contextlib.contextmanager
     def trace_context(self) -> Iterator[None]:
-        """Rules and expert options only (usable inside a traced function)."""
-        with nn.logical_axis_rules(self.rules), moe_expert_parallel.use_options(
-                self.expert_options):
+        """The logical rules only (usable inside a traced function)."""
+        with nn.logical_axis_rules(self.rules):
             yield
 
     def sharding(self, spec: PartitionSpec) -> NamedSharding:

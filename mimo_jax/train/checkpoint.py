@@ -20,24 +20,19 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from mimo_jax.config import ModelConfig, model_config_from_dict, model_config_to_dict
+from mimo_jax.config import (RUNTIME_KEYS, ModelConfig, architecture, model_config_from_dict,
+                             model_config_to_dict)
 from mimo_jax.train.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
 EXPORT_DIR = "export"
-# Fields that change how the model is computed but not its parameters: a run may resume with
-# different values.
-RUNTIME_FIELDS = frozenset({"dtype", "attention_impl", "attention_chunk_size", "moe_impl",
-                            "remat_policy"})
+
+__all__ = ["CHECKPOINT_DIR", "EXPORT_DIR", "CheckpointError", "Checkpointer", "architecture",
+           "export_params", "load_exported", "mismatch"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used by this run; the message names it and why."""
-
-
-def architecture(config: ModelConfig) -> dict[str, Any]:
-    """The model-config fields a checkpoint's parameters depend on, JSON-ready."""
-    return {k: v for k, v in model_config_to_dict(config).items() if k not in RUNTIME_FIELDS}
 
 
 def _flatten(tree: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -157,6 +152,10 @@ def load_exported(directory: str | pathlib.Path) -> tuple[ModelConfig, Any]:
     if not config_file.is_file():
         raise CheckpointError(f"{directory} is not a params export (no model_config.json)")
     raw = json.loads(config_file.read_text())
+    # Exports written before the runtime choices had a section of their own kept them flat.
+    flat = {key: raw.pop(key) for key in RUNTIME_KEYS if key in raw}
+    if flat:
+        raw["runtime"] = {**raw.get("runtime", {}), **flat}
     config = model_config_from_dict(raw)
     from mimo_jax.model.transformer import MiMoV2Flash, init_params  # pylint: disable=import-outside-toplevel
     abstract = jax.eval_shape(lambda: init_params(MiMoV2Flash(config), jax.random.PRNGKey(0)))

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mimo_jax.config import ConfigError, ModelConfig, model_config_from_dict, replace_model
+from mimo_jax.config import ConfigError, ModelConfig, model_config_from_dict, with_runtime
 from mimo_jax.data import pipeline
 from mimo_jax.data.config import DataConfig, data_config_from_dict
 from mimo_jax.data.errors import DataError
@@ -85,7 +85,7 @@ def build_configs(config: ml_collections.ConfigDict) -> RunConfigs:
     model = model_config_from_dict(config.model)
     train = train_config_from_dict(config.train)
     if train.compute_dtype:
-        model = replace_model(model, dtype=train.compute_dtype)
+        model = with_runtime(model, dtype=train.compute_dtype)
     return RunConfigs(model=model, data=data_config_from_dict(config.data), train=train,
                       mesh=mesh_config_from_dict(config.get("mesh")))
 

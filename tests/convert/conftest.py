@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mimo_jax.config import model_config_from_dict, replace_model
+from mimo_jax.config import model_config_from_dict, replace_model, with_runtime
 from mimo_jax.convert.safetensors_io import CheckpointReader, PendingTensor, write_checkpoint
 from mimo_jax.convert import hf
 
@@ -16,12 +16,12 @@ from mimo_jax.convert import hf
 def tiny_config():
     """4 layers (GA dense, SWA MoE x2, GA MoE), 4 experts top-2, 2 MTP heads, transformers-shaped."""
     config = model_config_from_dict(tiny.get_config().model)
-    return replace_model(
+    return with_runtime(replace_model(
         config, vocab_size=256, hidden_size=64, num_layers=4,
         layer_types=("global", "sliding", "sliding", "global"),
         mlp_types=("dense", "moe", "moe", "moe"), dense_intermediate_size=96,
         moe_intermediate_size=16, num_experts=4, num_experts_per_token=2, num_mtp_heads=2,
-        sliding=dataclasses.replace(config.sliding, sliding_window=5),
+        sliding=dataclasses.replace(config.sliding, sliding_window=5)),
         attention_impl="reference", moe_impl="dense")
 
 

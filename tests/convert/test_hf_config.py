@@ -6,7 +6,8 @@ import pytest
 from transformers import MiMoV2FlashConfig
 
 from configs import mimo_v2_flash
-from mimo_jax.config import GA, SWA, model_config_from_dict, replace_model
+from mimo_jax.config import (GA, SWA, RuntimeConfig, architecture, model_config_from_dict,
+                             replace_model)
 from mimo_jax.convert import hf_config
 from mimo_jax.convert.errors import CheckpointError
 
@@ -38,9 +39,10 @@ def _hub_config() -> dict:
 
 
 def _architecture(config):
-    """The fields a checkpoint fixes (run-time choices such as the attention backend dropped)."""
-    out = dataclasses.asdict(config)
-    for key in (*hf_config.RUNTIME_DEFAULTS, "init_std", "param_dtype", "dtype"):
+    """The fields a checkpoint fixes, less the ones config.json does not pin down here (init_std,
+    param_dtype, scan_layers)."""
+    out = architecture(config)
+    for key in ("init_std", "param_dtype", "scan_layers"):
         out.pop(key)
     return out
 
@@ -57,7 +59,9 @@ def test_hub_config_reads_as_the_full_model():
     assert config.sliding.sliding_window == 129  # sliding_window_size=128 keys before the query
     assert config.sliding.rope_dim == 64 and config.full.rope_dim == 64
     assert config.layer_types[:6] == (GA, SWA, SWA, SWA, SWA, GA)
-    assert config.param_dtype == "bfloat16" and config.moe_impl == "ragged"
+    assert config.param_dtype == "bfloat16" and config.scan_layers
+    # Runtime: RuntimeConfig's defaults computing in the checkpoint's dtype.
+    assert config.runtime == RuntimeConfig(dtype="bfloat16")
     assert hf_config.quantization_block(_hub_config()) == (128, 128)
 
 
@@ -71,8 +75,8 @@ def test_overrides_and_mtp_key():
     hub = dict(_hub_config(), num_nextn_predict_layers=2)
     config = hf_config.from_hf(hub, detected_mtp_heads=5, attention_impl="chunked",
                                scan_layers=False, dtype="float32")
-    assert (config.num_mtp_heads, config.attention_impl, config.scan_layers, config.dtype) == (
-        2, "chunked", False, "float32")
+    assert (config.num_mtp_heads, config.runtime.attention_impl, config.scan_layers,
+            config.runtime.dtype) == (2, "chunked", False, "float32")
     assert hf_config.from_hf(hub, num_mtp_heads=1).num_mtp_heads == 1
     with pytest.raises(TypeError, match="num_layerz"):
         hf_config.from_hf(hub, num_layerz=3)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mimo_jax.config import replace_model, with_runtime
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
 
@@ -93,9 +94,9 @@ def test_scan_layout_and_backends_agree(model_and_params):
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 30), 1, config.vocab_size)
     segments = jnp.concatenate([jnp.ones((2, 12), jnp.int32), jnp.full((2, 14), 2, jnp.int32),
                                 jnp.zeros((2, 4), jnp.int32)], axis=1)
-    variants = [dataclasses.replace(config, scan_layers=False, moe_impl="ragged",
-                                    attention_impl="reference"),
-                dataclasses.replace(config, attention_impl="chunked", remat_policy="full")]
+    variants = [with_runtime(replace_model(config, scan_layers=False), moe_impl="ragged",
+                             attention_impl="reference"),
+                with_runtime(config, attention_impl="chunked", remat_policy="full")]
 
     def loss(model, params):
         out = model.apply({"params": params}, tokens, segment_ids=segments, return_mtp=True)

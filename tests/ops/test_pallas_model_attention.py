@@ -4,14 +4,12 @@ CPU, against the same model with the dense reference attention: logits and MTP l
 Inputs and weights are fresh random draws each run (the seed is in every failure message).
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
-from mimo_jax.config import model_config_from_dict
+from mimo_jax.config import model_config_from_dict, with_runtime
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
 from attention_inputs import relative_error
 
@@ -42,7 +40,7 @@ def test_tiny_model_with_pallas_attention_matches_reference(seed):
         [[1] * 50 + [2] * 70 + [3] * 25 + [0] * 15, [1] * 130 + [0] * 30], jnp.int32)
 
     def run(impl: str):
-        model = MiMoV2Flash(dataclasses.replace(config, attention_impl=impl))
+        model = MiMoV2Flash(with_runtime(config, attention_impl=impl))
         return jax.jit(lambda p: model.apply({"params": p}, tokens, segment_ids=segment_ids,
                                              return_mtp=True))(params)
 

@@ -20,17 +20,19 @@ SMALL = dict(num_layers=2, num_mtp_heads=0)
 VOCAB = 256
 
 
-def parallel_model_config(**overrides) -> ModelConfig:
+def parallel_model_config(runtime: dict | None = None, **overrides) -> ModelConfig:
     """configs/tiny.py shrunk: 3 layers (global+dense, then 2 sliding+MoE), window 9 (longer than
-    a context shard, so halos cross two shards), 8 experts top-2, one MTP head, float32."""
+    a context shard, so halos cross two shards), 8 experts top-2, one MTP head, float32.
+    `overrides` replace model keys, `runtime` runtime keys (e.g. {"moe_impl": "dense"})."""
+    runtime = {f"runtime.{key}": value for key, value in (runtime or {}).items()}
     return model_configs.tiny_model({
         "num_layers": 3, "vocab_size": VOCAB, "hidden_size": 32,
         "sliding.num_heads": 4, "sliding.num_kv_heads": 2, "sliding.qk_head_dim": 16,
         "sliding.v_head_dim": 8, "sliding.rope_dim": 8, "sliding.sliding_window": 9,
         "full.num_heads": 4, "full.num_kv_heads": 1, "full.qk_head_dim": 16, "full.v_head_dim": 8,
         "full.rope_dim": 8, "dense_intermediate_size": 64, "moe_intermediate_size": 16,
-        "num_experts": 8, "num_experts_per_token": 2, "attention_chunk_size": 4,
-        "num_mtp_heads": 1, **overrides})
+        "num_experts": 8, "num_experts_per_token": 2, "runtime.attention_chunk_size": 4,
+        "num_mtp_heads": 1, **overrides, **runtime})
 
 
 def packed_batch(batch: int = 8, length: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
@@ -98,7 +100,7 @@ def train_setup(moe_impl: str, seed: int = 1, **model_overrides):
     from mimo_jax.train.state import TrainState
     from mimo_jax.train.step import make_train_step
 
-    model_config = parallel_model_config(moe_impl=moe_impl, **model_overrides)
+    model_config = parallel_model_config(dict(moe_impl=moe_impl), **model_overrides)
     model = MiMoV2Flash(model_config)
     train_config = train_config_from_dict(tiny.get_config().train)
     params = random_params(model, seed)

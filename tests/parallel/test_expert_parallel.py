@@ -1,6 +1,7 @@
 """Expert-parallel dispatch (`ops/moe_expert_parallel.py`) against the dense single-device
 reference: values and gradients with padding tokens, dropping past a small receive buffer, the
-dense stand-in's `ragged_all_to_all` contract, and the ragged transport in the lowered program."""
+dense stand-in's `ragged_all_to_all` contract, the ragged transport in the lowered program, and
+the options travelling from the model's runtime config through the MoE layer."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import parallel_helpers as ph
+from mimo_jax.config import with_runtime
+from mimo_jax.model.moe import MoE
+from mimo_jax.model.transformer import MiMoV2Flash, init_params
 from mimo_jax.ops import moe as moe_ops
 from mimo_jax.ops import moe_expert_parallel as ep
 from mimo_jax.parallel import Parallelism, mesh_config_from_dict
@@ -153,3 +157,44 @@ def test_ragged_transport_is_in_the_program_and_its_gradient():
     text = parallelism.jit(grad, None, None).lower(x, w).as_text()
     # Forward: tokens out; backward: the transposes of both exchanges.
     assert text.count("ragged_all_to_all") >= 3
+
+
+def test_moe_layer_hands_its_options_to_the_dispatch():
+    """The layer's `expert_options` decide the receive buffer: dropless equals the dense layer,
+    a small buffer drops copies."""
+    parallelism = Parallelism.from_config(
+        mesh_config_from_dict(dict(ici="expert=4,fsdp=2", rules="fsdp_ep")))
+    x = jax.random.normal(jax.random.PRNGKey(3), (B, T, D))
+    segment_ids = jnp.ones((B, T), jnp.int32)
+
+    def layer(impl, capacity_factor=0.0):
+        return MoE(E, K, F, 0.3, impl=impl,
+                   expert_options=ep.ExpertParallelOptions(capacity_factor, "all_to_all"))
+
+    params = layer("dense").init(jax.random.PRNGKey(4), x, segment_ids)
+    dense = layer("dense").apply(params, x, segment_ids)[0]
+
+    def expert_parallel(capacity_factor):
+        return parallelism.jit(lambda p, x: layer("expert_parallel", capacity_factor).apply(
+            p, x, segment_ids)[0], None, None, compiler_options=ph.QUICK_COMPILE)(params, x)
+
+    np.testing.assert_allclose(np.asarray(expert_parallel(0.0)), np.asarray(dense), rtol=1e-5,
+                               atol=1e-5)
+    assert np.abs(np.asarray(expert_parallel(0.25)) - np.asarray(dense)).max() > 1e-3
+
+
+def test_model_runtime_reaches_the_expert_dispatch(monkeypatch):
+    """`model.runtime.expert_capacity_factor` / `expert_transport` arrive at every MoE layer's
+    dispatch (traced only)."""
+    seen = []
+    dispatch = ep.dispatch
+
+    def spy(*args, options, **kwargs):
+        seen.append(options)
+        return dispatch(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(ep, "dispatch", spy)
+    config = with_runtime(ph.parallel_model_config(), moe_impl="expert_parallel",
+                          expert_capacity_factor=0.5, expert_transport="all_to_all")
+    jax.eval_shape(lambda: init_params(MiMoV2Flash(config), jax.random.PRNGKey(0)))
+    assert seen and set(seen) == {ep.ExpertParallelOptions(0.5, "all_to_all")}

@@ -58,8 +58,10 @@ def test_axis_sizes_parse_and_fill():
     (dict(ici="fsdp=two"), "'two'"),
     (dict(ici="fsdp"), "not 'axis=size'"),
     (dict(rules="zero3"), "mesh.rules"),
-    (dict(expert_capacity_factor=-1.0), "mesh.expert_capacity_factor"),
-    (dict(expert_transport="nccl"), "mesh.expert_transport"),
+    (dict(expert_capacity_factor=1.25),
+     "'mesh.expert_capacity_factor' has moved: set 'model.runtime.expert_capacity_factor'"),
+    (dict(expert_transport="auto"),
+     "'mesh.expert_transport' has moved: set 'model.runtime.expert_transport'"),
     (dict(shape="1,8"), "'mesh.shape'"),
 ])
 def test_bad_mesh_config_names_the_key(mesh_cfg, message):
@@ -89,7 +91,7 @@ def test_mesh_over_eight_devices():
 def test_param_optimizer_and_batch_shardings_follow_the_rules(preset):
     ici = "fsdp=2,expert=2,tensor=2" if "tp" in preset else "fsdp=2,expert=2,context=2"
     parallelism = Parallelism.from_config(mesh_config_from_dict(dict(ici=ici, rules=preset)))
-    config = ph.parallel_model_config(moe_impl="expert_parallel")
+    config = ph.parallel_model_config(dict(moe_impl="expert_parallel"))
     params, shardings = parallelism.param_shardings(MiMoV2Flash(config))
     moe_run, dense_run = shardings["decoder"]["run_1"], shardings["decoder"]["run_0"]
     want = EXPECTED[preset]

@@ -15,7 +15,7 @@ FULL_MODEL_PARAMS = 309.0e9  # SPEC.md, MTP head excluded (~0.33B more)
 
 def _full_config(**train):
     config = mimo_v2_flash.get_config()
-    config.model.moe_impl = "expert_parallel"
+    config.model.runtime.moe_impl = "expert_parallel"
     config.train.update(train)
     return config
 

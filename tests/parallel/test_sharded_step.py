@@ -31,7 +31,7 @@ MESHES = {
 
 def _reference(**overrides):
     """Parameters, batch, and the single-device loss and gradients (dense MoE dispatch)."""
-    model = MiMoV2Flash(ph.parallel_model_config(moe_impl="dense", **overrides))
+    model = MiMoV2Flash(ph.parallel_model_config(dict(moe_impl="dense"), **overrides))
     params = ph.random_params(model)
     batch = ph.packed_batch()
     loss, grads = jax.jit(jax.value_and_grad(lambda p, b: ph.objective(model, p, b)),
@@ -66,8 +66,8 @@ def test_sharded_step_equals_single_device(preset, references):
     parallelism = Parallelism.from_config(mesh_config_from_dict(dict(ici=ici, rules=preset)))
     moe_impl = "expert_parallel" if "ep" in preset else "dense"
     overrides = {} if context_parallel else dict(ph.SMALL)
-    model = MiMoV2Flash(ph.parallel_model_config(moe_impl=moe_impl, remat_policy=remat_policy,
-                                                 **overrides))
+    model = MiMoV2Flash(ph.parallel_model_config(
+        dict(moe_impl=moe_impl, remat_policy=remat_policy), **overrides))
     _, param_shardings = parallelism.param_shardings(model)
     batch_shardings = parallelism.batch_shardings(batch)
     step = parallelism.jit(jax.value_and_grad(lambda p, b: ph.objective(model, p, b)),

@@ -17,7 +17,8 @@ MICRO_MODEL = {
     "sliding.v_head_dim": 8, "sliding.rope_dim": 8, "sliding.sliding_window": 9,
     "full.num_heads": 2, "full.num_kv_heads": 1, "full.qk_head_dim": 16, "full.v_head_dim": 8,
     "full.rope_dim": 8, "dense_intermediate_size": 64, "moe_intermediate_size": 16,
-    "num_experts": 4, "num_experts_per_token": 2, "num_mtp_heads": 1, "attention_chunk_size": 8,
+    "num_experts": 4, "num_experts_per_token": 2, "num_mtp_heads": 1,
+    "runtime.attention_chunk_size": 8,
 }
 MICRO_TRAIN = {
     "data.seq_len": 32, "data.batch_size": 4, "data.eval_batches": 2,

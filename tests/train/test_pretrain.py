@@ -197,7 +197,7 @@ def check_damaged_checkpoint_is_named(straight, micro, corpus_dir, directory):
 def test_bf16_compute_keeps_f32_weights(micro, corpus_dir):
     configs = trainer.build_configs(micro.build_config(micro.overrides(corpus_dir, **{
         "train.compute_dtype": "bfloat16"})))
-    assert (configs.model.dtype, configs.model.param_dtype) == ("bfloat16", "float32")
+    assert (configs.model.runtime.dtype, configs.model.param_dtype) == ("bfloat16", "float32")
 
 
 def test_bad_inputs_fail_before_training(tmp_path, micro, corpus_dir):
