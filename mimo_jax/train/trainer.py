@@ -389,7 +389,7 @@ def _train(setup: _Setup, batch: dict[str, np.ndarray] | None,
         progress.close()
         writer.close()
     if train_cfg.plot and is_first:
-        from mimo_jax.train.plotting import plot_metrics  # pylint: disable=import-outside-toplevel
+        from mimo_jax.train.curves import plot_metrics  # pylint: disable=import-outside-toplevel
         try:
             result.plot = plot_metrics(workdir)
         except FileNotFoundError:
