@@ -1,9 +1,8 @@
-"""`python -m mimo_jax.plan`: the command is `mimo_jax.cli.plan`, the library
-`mimo_jax.train.memory_plan`; this module only runs the command."""
-
+# `python -m mimo_jax.plan`: runs `mimo_jax.cli.plan`, nothing else.
+# Its docstring is the command's, which absl prints for --help.
 import sys
 
-from mimo_jax.cli.plan import main
+from mimo_jax.cli.plan import __doc__, main
 
 if __name__ == "__main__":
     main(sys.argv)

@@ -1,10 +1,8 @@
-"""`python -m mimo_jax.summary`: the command is `mimo_jax.cli.summary`, the library
-`mimo_jax.model.param_count`; this module only runs the command (`mimo_jax.summary`, after
-`import mimo_jax`, is the library function)."""
-
+# `python -m mimo_jax.summary`: runs `mimo_jax.cli.summary`, nothing else.
+# Its docstring is the command's, which absl prints for --help.
 import sys
 
-from mimo_jax.cli.summary import main
+from mimo_jax.cli.summary import __doc__, main
 
 if __name__ == "__main__":
     main(sys.argv)

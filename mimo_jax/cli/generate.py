@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from mimo_jax.cli import run_command
 from mimo_jax.convert import hf
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.inference.generation import generate
@@ -154,4 +155,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    app.run(_run, argv=None if argv is None else list(argv))
+    run_command(_run, argv)

@@ -17,6 +17,7 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from mimo_jax.cli import run_command
 from mimo_jax.config import DTYPES, ConfigError
 from mimo_jax.train.memory_plan import plan_for_config
 
@@ -46,4 +47,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    app.run(_run, argv=None if argv is None else list(argv))
+    run_command(_run, argv)

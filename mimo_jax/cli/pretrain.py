@@ -21,6 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mimo_jax.cli import run_command
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
 from mimo_jax.parallel import initialize_distributed
@@ -75,4 +76,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    app.run(_run, argv=None if argv is None else list(argv))
+    run_command(_run, argv)

@@ -14,6 +14,7 @@ from typing import Sequence
 from absl import app
 from ml_collections import config_flags
 
+from mimo_jax.cli import run_command
 from mimo_jax.model.param_count import summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (configs/*.py).",
@@ -30,4 +31,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    app.run(_run, argv=None if argv is None else list(argv))
+    run_command(_run, argv)

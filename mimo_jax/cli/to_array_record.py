@@ -15,6 +15,7 @@ from typing import Sequence
 
 from absl import app, flags
 
+from mimo_jax.cli import run_command
 from mimo_jax.data import token_shards
 from mimo_jax.data.errors import DataError
 
@@ -59,4 +60,4 @@ def _run(argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    app.run(_run, argv=None if argv is None else list(argv))
+    run_command(_run, argv)

@@ -1,9 +1,8 @@
-"""`python -m mimo_jax.train.plot`: the command is `mimo_jax.cli.plot`, the library
-`mimo_jax.train.curves`; this module only runs the command."""
-
+# `python -m mimo_jax.train.plot`: runs `mimo_jax.cli.plot`, nothing else.
+# Its docstring is the command's, which absl prints for --help.
 import sys
 
-from mimo_jax.cli.plot import main
+from mimo_jax.cli.plot import __doc__, main
 
 if __name__ == "__main__":
     main(sys.argv)
