@@ -167,3 +167,6 @@ def test_generate_command_prints_what_the_api_generates(micro):
     assert result.stdout == PROMPT + tokenizer.decode(out.generated(0)) + "\n"
     assert f"{out.num_generated[0]} tokens; first after" in result.stderr
     assert callable(mimo_jax.generate)  # the command ran in its own process; the name is intact
+    usage = subprocess.run([sys.executable, "-m", "mimo_jax.generate", "--help"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300, check=False).stdout
+    assert "generates text from a trained model" in usage and "--checkpoint:" in usage
