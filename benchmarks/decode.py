@@ -30,6 +30,22 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Run as a script from anywhere: the package and configs/ live one directory up.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from configs import mimo_v2_flash, tiny  # noqa: E402  (needs the line above)
+from mimo_jax.config import GA, model_config_from_dict, replace_model  # noqa: E402
+from mimo_jax.inference import cache as kv_cache  # noqa: E402
+from mimo_jax.inference import decode  # noqa: E402
+from mimo_jax.inference.generation import generate  # noqa: E402
+from mimo_jax.inference.speculative import speculative_generate  # noqa: E402
+from mimo_jax.loading import load_checkpoint  # noqa: E402
+from mimo_jax.model.transformer import MiMoV2Flash, init_params  # noqa: E402
+
 _WORDS = ("user", "name", "count", "total", "index", "value", "price", "order", "item", "size",
           "level", "score", "label", "owner", "state", "queue", "buffer", "limit", "offset",
           "weight", "height", "width", "color", "token", "record", "path", "mode", "flag", "rate",
@@ -78,10 +94,6 @@ def write_corpus(directory: pathlib.Path, train_files: int = 3000, eval_files: i
 
 def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[str]:
     """Markdown rows: KV-cache bytes of configs/mimo_v2_flash.py, hybrid vs all-global."""
-    from configs import mimo_v2_flash  # pylint: disable=import-outside-toplevel
-    from mimo_jax.config import GA, model_config_from_dict, replace_model  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
-
     config = model_config_from_dict(mimo_v2_flash.get_config().model)
     all_global = replace_model(config, layer_types=(GA,) * config.num_layers)
     rows = ["| context | hybrid (39 SWA rings of 129 + 9 GA) | all-global (48 GA) | hybrid / all-global "
@@ -101,15 +113,6 @@ def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[st
 def step_time_table(contexts: tuple[int, ...], steps: int = 32) -> list[str]:
     """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, batch 1)
     with the sequence at each context length, i.e. global layers attending over that many keys."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-    from configs import tiny  # pylint: disable=import-outside-toplevel
-    from mimo_jax.config import model_config_from_dict  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference import decode  # pylint: disable=import-outside-toplevel
-    from mimo_jax.model.transformer import MiMoV2Flash, init_params  # pylint: disable=import-outside-toplevel
-
     model = MiMoV2Flash(model_config_from_dict(tiny.get_config().model))
     params = init_params(model, jax.random.key(0))
     rows = ["| context | ms per decode step | tokens/s |", "|---|---|---|"]
@@ -145,7 +148,6 @@ def _gib(num_bytes: int) -> str:
 def _load_prompts(path: pathlib.Path | None, tokenizer, count: int, length: int):
     """`count` prompts of `length` tokens: file starts from `path` (a directory), else a fixed
     snippet repeated."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
     texts = []
     if path is not None:
         texts = [p.read_text() for p in sorted(path.iterdir()) if p.is_file()][:count]
@@ -165,17 +167,7 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     Every variant is compiled first, then the variants run in turn for `rounds` rounds and each
     keeps its fastest time: on a shared machine the minimum is the least disturbed measurement.
     """
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from mimo_jax.config import with_runtime  # pylint: disable=import-outside-toplevel
-    from mimo_jax.generate import load_checkpoint  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference.generate import generate  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference.speculative import speculative_generate  # pylint: disable=import-outside-toplevel
-    from mimo_jax.model.transformer import MiMoV2Flash  # pylint: disable=import-outside-toplevel
-
-    model, params, tokenizer = load_checkpoint(checkpoint)
-    model = MiMoV2Flash(with_runtime(model.config, moe_impl=moe_impl))
+    model, params, tokenizer = load_checkpoint(checkpoint, moe_impl=moe_impl)
     unstack = {"auto": None, "scanned": False, "unstacked": True}[layers]
     prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
                             batch, prompt_len)
@@ -248,5 +240,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     main(sys.argv[1:])

@@ -16,16 +16,22 @@ this machine reaches on a large float32 matmul (measured here, printed).
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 # Run as a script from anywhere: the package and configs/ live one directory up.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from mimo_jax.train import partition  # noqa: E402  (needs the line above)
+from mimo_jax.train.flops import flops_per_token  # noqa: E402
+from mimo_jax.train.trainer import build_configs, step_program  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Run config.")
 _BACKEND = flags.DEFINE_enum("backend", "cpu", ["cpu", "gpu", "tpu"], "JAX platform to use.")
@@ -49,7 +55,7 @@ def _peak_from_table(kind: str) -> float | None:
     return None
 
 
-def _measured_matmul_tflops(jax, jnp) -> float:
+def _measured_matmul_tflops() -> float:
     """float32 matmul rate of the default device: the CPU's practical peak."""
     n = 2048
     a = jnp.ones((n, n), jnp.float32)
@@ -66,15 +72,8 @@ def _measured_matmul_tflops(jax, jnp) -> float:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    os.environ["JAX_PLATFORMS"] = _BACKEND.value
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from mimo_jax.train import partition  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.flops import flops_per_token  # pylint: disable=import-outside-toplevel
-    from mimo_jax.train.trainer import build_configs, step_program  # pylint: disable=import-outside-toplevel
-
+    # Before the first computation, which is when JAX starts its backends.
+    jax.config.update("jax_platforms", _BACKEND.value)
     configs = build_configs(_CONFIG.value)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     batch, seq = data_cfg.batch_size, data_cfg.seq_len
@@ -119,7 +118,7 @@ def main(argv: list[str]) -> None:
     elif _peak_from_table(kind) is not None:
         peak, peak_source = _peak_from_table(kind) * mesh.size, "vendor bf16 dense"
     else:
-        peak = _measured_matmul_tflops(jax, jnp)
+        peak = _measured_matmul_tflops()
         peak_source = "measured f32 2048^3 matmul"
     rows = [
         ("config", config_flags.get_config_filename(flags.FLAGS["config"])),

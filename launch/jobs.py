@@ -8,11 +8,12 @@ and the run's per-device memory (`mimo_jax.parallel.memory`) must fit before any
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from typing import Any
 
 from mimo_jax.parallel.memory import TPU_TYPES, parse_slice
+from mimo_jax.run_config import load_config
+from mimo_jax.train.memory_plan import plan_for_config
 
 ENTRYPOINT = "mimo_jax.train.pretrain"
 # XManager resource names of the TPU generations in `mimo_jax.parallel.memory.TPU_TYPES`.
@@ -87,35 +88,10 @@ class PretrainJob:
 
 def check_memory(config_path: str, overrides: tuple[str, ...], slice_name: str,
                  param_dtype: str | None = None) -> str:
-    """The plan table for the job; raises ValueError if it does not fit the slice."""
-    from mimo_jax import plan  # pylint: disable=import-outside-toplevel
-    spec = importlib.util.spec_from_file_location("launch_config", config_path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"config {config_path!r} is not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for key, value in parse_overrides(overrides).items():
-        _set_override(config, key[len("config."):], value)
-    result, table = plan.plan_for_config(config, slice_name, param_dtype=param_dtype)
+    """The plan table for the job; raises ValueError if it does not fit the slice (or if the
+    config or an override is bad: `ConfigError` is a ValueError)."""
+    config = load_config(config_path, parse_overrides(overrides))
+    result, table = plan_for_config(config, slice_name, param_dtype=param_dtype)
     if not result.fits:
         raise ValueError(f"the run does not fit {slice_name}:\n{table}")
     return table
-
-
-def _set_override(config, dotted: str, text: str) -> None:
-    """Sets config.a.b = text parsed as the existing field's type."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    current = node[leaf]
-    if isinstance(current, bool):
-        value: Any = text.lower() in ("1", "true", "yes")
-    elif isinstance(current, int):
-        value = int(text)
-    elif isinstance(current, float):
-        value = float(text)
-    else:
-        value = text
-    node[leaf] = value

@@ -61,6 +61,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
+        # The `xm` extra: only the launcher needs XManager, the package never does.
         from xmanager import xm, xm_local  # pylint: disable=import-outside-toplevel
     except ImportError as err:
         raise app.UsageError("XManager is not installed: pip install -e '.[xm]'") from err

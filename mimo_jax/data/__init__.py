@@ -1,7 +1,7 @@
 """Input pipeline on Grain: sources, tokenizer, packing, mixtures, batches.
 
-The seqio adapter (`mimo_jax.data.seqio_adapter`) is imported only when a `seqio:` source is
-configured, so the core install does not need TensorFlow.
+The seqio adapter (`mimo_jax.data.seqio_adapter`) imports seqio (and with it TensorFlow) only when
+a `seqio:` source is opened, so the core install does not need TensorFlow.
 """
 
 from mimo_jax.data.config import DataConfig, SourceSpec, data_config_from_dict, parse_sources

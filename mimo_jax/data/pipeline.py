@@ -22,9 +22,10 @@ import pathlib
 from typing import Iterator
 
 import grain
+import jax
 import numpy as np
 
-from mimo_jax.data import corpus
+from mimo_jax.data import corpus, seqio_adapter
 from mimo_jax.data import tokenizer as tokenizer_lib
 from mimo_jax.data.config import DataConfig, SourceSpec
 from mimo_jax.data.errors import DataError
@@ -46,7 +47,6 @@ class ProcessShard:
 
     @classmethod
     def from_jax(cls) -> "ProcessShard":
-        import jax  # pylint: disable=import-outside-toplevel
         return cls(jax.process_index(), jax.process_count())
 
 
@@ -85,7 +85,6 @@ def open_source(spec: SourceSpec, config: DataConfig, split: str) -> list[Opened
         tokenizer_dir = str(pathlib.Path(files[0]).parent)
         return [OpenedSource(spec.arg, "array_record", shards, spec.weight, vocab, tokenizer_dir)]
     if spec.kind == "seqio":
-        from mimo_jax.data import seqio_adapter  # pylint: disable=import-outside-toplevel
         seqio_split = config.seqio_split if split == "train" else config.seqio_eval_split
         out = []
         for task, rate in seqio_adapter.task_weights(spec.arg):

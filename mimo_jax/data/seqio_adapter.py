@@ -1,6 +1,6 @@
 """seqio Tasks and Mixtures as Grain sources (needs the optional `seqio` extra).
 
-This module is imported only when a `seqio:` source is configured, so the core install does not
+seqio itself is imported only when a `seqio:` source is opened, so the core install does not
 need TensorFlow. A Task's split is read once, in order, through seqio's own preprocessors, and
 kept as token arrays in memory: that gives Grain random access, so the run shuffles, mixes and
 checkpoints it like any other source. A Mixture is expanded into its Tasks with seqio's rates as
@@ -19,6 +19,7 @@ from mimo_jax.data.errors import DataError
 
 def _seqio():
     try:
+        # The `seqio` extra (it brings TensorFlow): imported only when a seqio source is used.
         import seqio  # pylint: disable=import-outside-toplevel
     except ImportError as err:
         raise DataError("a 'seqio:' data source needs the seqio package: "

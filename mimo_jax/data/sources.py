@@ -14,6 +14,7 @@ import os
 import pathlib
 from typing import Sequence
 
+import grain
 import numpy as np
 
 from mimo_jax.data.errors import DataError
@@ -172,8 +173,6 @@ class TokenShards:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike], name: str = ""):
-        # Imported here: array_record's reader loads a native library.
-        import grain  # pylint: disable=import-outside-toplevel
         self._paths = [str(p) for p in paths]
         self.name = name or (self._paths[0] if len(self._paths) == 1 else f"{len(self._paths)} shards")
         self._shards = []

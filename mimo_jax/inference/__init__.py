@@ -1,8 +1,6 @@
 """Decoding MiMo-V2-Flash: KV cache, prefill, sampling, generation, MTP self-speculative decoding.
 
-    from mimo_jax.inference.generate import generate
-    from mimo_jax.inference.speculative import speculative_generate
-    from mimo_jax.inference.sampling import SamplingConfig
+    from mimo_jax.inference import SamplingConfig, generate, speculative_generate
 
     out = generate(model, params, prompts, lengths, max_new_tokens=64)
     out = speculative_generate(model, params, prompts, lengths, max_new_tokens=64, num_draft=3)
@@ -11,6 +9,13 @@
 
 Modules: `cache` (ring buffers for sliding-window layers, full length for global ones),
 `decode` (cached forward passes, chunked prefill), `sampling` (greedy / temperature / top-k /
-top-p), `generate` (one `while_loop` per generation), `speculative` (draft with the MTP heads,
+top-p), `generation` (one `while_loop` per generation), `speculative` (draft with the MTP heads,
 verify in one main-model pass).
 """
+
+from mimo_jax.inference.cache import init_cache
+from mimo_jax.inference.generation import Generation, generate
+from mimo_jax.inference.sampling import SamplingConfig
+from mimo_jax.inference.speculative import speculative_generate
+
+__all__ = ["Generation", "SamplingConfig", "generate", "init_cache", "speculative_generate"]

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 from mimo_jax.config import ModelConfig
 from mimo_jax.inference import cache as kv_cache
 from mimo_jax.inference import decode
-from mimo_jax.inference.generate import (Generation, StreamFn, check_generation_args,
-                                         commit_count, start_generation, stop_array,
-                                         stream_step)
+from mimo_jax.inference.generation import (Generation, StreamFn, check_generation_args,
+                                           commit_count, start_generation, stop_array,
+                                           stream_step)
 from mimo_jax.inference.sampling import (SamplingConfig, probabilities, sample,
                                          sample_from_probs)
 from mimo_jax.model.transformer import MiMoV2Flash

@@ -23,7 +23,7 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.train.checkpoint import Checkpointer, export_params
 from mimo_jax.train.loop import Hook, StepInfo, StopLoop, TrainingStopped
 from mimo_jax.train.metrics import MetricsWriter, Progress
-from mimo_jax.train.plotting import plot_metrics
+from mimo_jax.train.curves import plot_metrics
 
 class Throughput:
     """Tokens per second over the last `window` (tokens, seconds) intervals."""

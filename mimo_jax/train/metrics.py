@@ -15,6 +15,9 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -58,7 +61,6 @@ class MetricsWriter:
         tmp.replace(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
             self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR),
                                      purge_step=start_step + 1 if start_step else None)
 
@@ -96,7 +98,6 @@ class Progress:
         self._total = total_steps
         self._bar = None
         if self.mode == "bar":
-            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
             self._bar = tqdm(total=total_steps, initial=start_step, file=stream,
                              dynamic_ncols=True, unit="step")
 

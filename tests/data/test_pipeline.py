@@ -8,7 +8,7 @@ import pytest
 from mimo_jax.data import pipeline
 from mimo_jax.data.config import data_config_from_dict
 from mimo_jax.data.errors import DataError
-from mimo_jax.data.to_array_record import write_shards
+from mimo_jax.data.token_shards import write_shards
 
 VOCAB = 1000
 

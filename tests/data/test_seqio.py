@@ -14,7 +14,7 @@ from mimo_jax.data import pipeline, seqio_adapter  # noqa: E402
 from mimo_jax.data.config import data_config_from_dict  # noqa: E402
 from mimo_jax.data.errors import DataError  # noqa: E402
 from mimo_jax.data.sources import TokenShards, token_shard_paths  # noqa: E402
-from mimo_jax.data.to_array_record import write_shards  # noqa: E402
+from mimo_jax.data.token_shards import write_shards  # noqa: E402
 
 TEXTS = {
     "train": ["def f(x):\n    return x", "import os", "class A: pass", "print('hi')", "x = 1"],

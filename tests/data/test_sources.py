@@ -9,7 +9,7 @@ from mimo_jax.data import corpus
 from mimo_jax.data.errors import DataError
 from mimo_jax.data.sources import (JsonlDocuments, TextDocuments, TokenShards, expand_paths,
                                    token_shard_paths)
-from mimo_jax.data.to_array_record import write_shards
+from mimo_jax.data.token_shards import write_shards
 
 
 def test_text_documents_per_file_skip_empty(text_dir):

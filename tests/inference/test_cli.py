@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mimo_jax.data.tokenizer import train_bpe
-from mimo_jax.generate import CheckpointNotFound, load_checkpoint
+from mimo_jax.loading import CheckpointNotFound, load_checkpoint
 from mimo_jax.train.checkpoint import EXPORT_DIR, export_params
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from mimo_jax.config import GA, SWA
 from mimo_jax.inference import cache as kv_cache
-from mimo_jax.inference.generate import generate
+from mimo_jax.inference.generation import generate
 from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.model import layout
 from mimo_jax.model.transformer import MiMoV2Flash

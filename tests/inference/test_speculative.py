@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mimo_jax.inference.generate import generate
+from mimo_jax.inference.generation import generate
 from mimo_jax.inference.sampling import SamplingConfig, probabilities
 from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.model.transformer import MiMoV2Flash

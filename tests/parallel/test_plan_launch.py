@@ -8,7 +8,7 @@ import pytest
 from configs import mimo_v2_flash
 from launch import jobs
 from mimo_jax.parallel.memory import GIB, parse_slice
-from mimo_jax.plan import plan_for_config
+from mimo_jax.train.memory_plan import plan_for_config
 
 FULL_MODEL_PARAMS = 309.0e9  # SPEC.md, MTP head excluded (~0.33B more)
 

@@ -21,7 +21,7 @@ import pytest
 
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
-from mimo_jax.data.to_array_record import write_shards
+from mimo_jax.data.token_shards import write_shards
 from mimo_jax.train import trainer
 from mimo_jax.train.checkpoint import CheckpointError, load_exported
 

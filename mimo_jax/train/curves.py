@@ -1,12 +1,17 @@
-"""Draws a run's loss curves to PNG (the library half of `python -m mimo_jax.train.plot`).
+"""Draws a run's loss curves to PNG (what `python -m mimo_jax.train.plot` and the trainer call).
 
 Left: training loss (total and next-token cross-entropy, MTP loss when present) per step.
 Right: evaluation loss and perplexity at each evaluation.
+
+The figure is drawn through matplotlib's object API (`Figure`), not `pyplot`: it needs no
+backend choice, so importing this module never changes the backend of a notebook that has one.
 """
 
 from __future__ import annotations
 
 import pathlib
+
+from matplotlib.figure import Figure
 
 from mimo_jax.train.metrics import read_metrics
 
@@ -26,17 +31,14 @@ def _series(records: list[dict], kind: str, key: str) -> tuple[list[int], list[f
 def plot_metrics(workdir: str | pathlib.Path, out: str | pathlib.Path | None = None
                  ) -> pathlib.Path:
     """Writes the PNG and returns its path. Raises FileNotFoundError when there is no log."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
     workdir = pathlib.Path(workdir)
     records = read_metrics(workdir)
     if not records:
         raise FileNotFoundError(f"no metrics in {workdir / 'metrics.jsonl'}: is {workdir} a "
                                 "training workdir?")
     out = pathlib.Path(out) if out else workdir / PLOT_FILE
-    fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    train_ax, eval_ax = fig.subplots(1, 2)
     for key, label in (("loss", "total loss"), ("ce", "next-token CE"), ("mtp", "MTP CE")):
         steps, values = _series(records, "train", key)
         if steps and any(values):
@@ -62,6 +64,5 @@ def plot_metrics(workdir: str | pathlib.Path, out: str | pathlib.Path | None = N
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 

@@ -1,0 +1,32 @@
+"""The command-line programs, one module per command: flags, printing and exit codes only; the
+work is done by the library modules each one names.
+
+    python -m mimo_jax.train.pretrain     cli/pretrain.py         -> mimo_jax.train.trainer
+    python -m mimo_jax.train.plot         cli/plot.py             -> mimo_jax.train.curves
+    python -m mimo_jax.generate           cli/generate.py         -> mimo_jax.loading, inference
+    python -m mimo_jax.summary            cli/summary.py          -> mimo_jax.model.param_count
+    python -m mimo_jax.plan               cli/plan.py             -> mimo_jax.train.memory_plan
+    python -m mimo_jax.data.to_array_record  cli/to_array_record.py -> mimo_jax.data.token_shards
+
+The module paths on the left stay what users and launch scripts type; each takes the command's
+docstring (its `--help` text) and calls its `main(argv)`. A command module defines its absl flags
+when imported, so import one per process (`main` parses them and exits, as `python -m` does).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+
+def run_command(program: Callable[[list[str]], None], argv: Sequence[str] | None) -> None:
+    """Runs `program` as an absl app on `argv` (program name first; default `sys.argv`).
+
+    absl's `--help` lists the flags of the module that was started (`sys.argv[0]`, the entry
+    module); the flags are defined in the command's module, so they are listed for it too.
+    """
+    for flag in flags.FLAGS.get_key_flags_for_module(program.__module__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    app.run(program, argv=None if argv is None else list(argv))

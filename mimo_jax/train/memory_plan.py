@@ -1,0 +1,92 @@
+"""The bytes per device a training run needs on a named TPU or GPU slice; does it fit?
+
+    plan, table = plan_for_config(config, "v5p-512", param_dtype="bfloat16")
+
+`python -m mimo_jax.plan` prints the table; the launcher (`launch/jobs.py`) checks `plan.fits`
+before queueing a job. The mesh (`config.mesh`), batch and sequence length (`config.data`),
+micro-batches and optimizer (`config.train`) are the run's; parameter and optimizer shapes come
+from `jax.eval_shape` of the real model and optimizer, their splits from the rule preset. Nothing
+is allocated or compiled. See `mimo_jax/parallel/memory.py` for what each row counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+
+from mimo_jax.config import ConfigError, model_config_from_dict, with_runtime
+from mimo_jax.parallel import rules as rules_lib
+from mimo_jax.parallel.config import MESH_AXES, MeshConfig, mesh_config_from_dict
+from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
+from mimo_jax.train import optimizer as optim
+from mimo_jax.train.config import train_config_from_dict
+
+
+def _gib(count: int) -> str:
+    return f"{count / GIB:8.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan, header: str) -> str:
+    """The table printed by the command."""
+    mesh = ", ".join(f"{a}={plan.axis_sizes[a]}" for a in MESH_AXES if plan.axis_sizes[a] > 1)
+    lines = [header,
+             f"slice {plan.slice.name}: {plan.slice.num_devices} devices x "
+             f"{plan.slice.hbm_bytes / GIB:.1f} GiB HBM; mesh {mesh or 'one device'}; "
+             f"rules {plan.rules}; {plan.tokens_per_device:,} tokens per device per micro-batch",
+             f"{'':26s}{'per device':>12s}"]
+    for row in plan.rows:
+        lines.append(f"{row.name:26s}{_gib(row.bytes)}   {row.detail}")
+    lines.append(f"{'total':26s}{_gib(plan.total)}")
+    verdict = "fits" if plan.fits else "does NOT fit"
+    lines.append(f"{verdict}: {plan.total / plan.slice.hbm_bytes:.0%} of HBM "
+                 f"(limit {USABLE_FRACTION:.0%}, {_gib(plan.usable).strip()}, leaves room for "
+                 f"XLA temporaries)")
+    return "\n".join(lines)
+
+
+def expert_axes(mesh_config: MeshConfig, axis_sizes: dict[str, int]) -> tuple[str, ...]:
+    """Mesh axes of size > 1 that the rules split the experts over."""
+    spec = rules_lib.mesh_axes(("experts",), rules_lib.get_rules(mesh_config.rules))
+    return tuple(a for a in rules_lib.spec_axes(spec[0]) if axis_sizes[a] > 1)
+
+
+def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
+                    param_dtype: str | None = None,
+                    optimizer_dtype: str = "float32") -> tuple[MemoryPlan, str]:
+    """The memory plan of a run config on a slice, and its printed table (with notes).
+
+    Raises ConfigError (bad config) or ValueError (unknown slice).
+    """
+    model_config = model_config_from_dict(config.model)
+    mesh_config = mesh_config_from_dict(config.get("mesh"))
+    slice_spec = parse_slice(slice_name)
+    data = config.get("data")
+    if data is None:
+        raise ConfigError("the config has no 'data' section (batch_size, seq_len)")
+    train = config.get("train")
+    accum, optimizer_factory = 1, None
+    if train is not None:
+        # The trainer's own optimizer (its state tree is what a run holds).
+        train_config = train_config_from_dict(train)
+        accum = train_config.grad_accum_steps
+        if train_config.compute_dtype:
+            model_config = with_runtime(model_config, dtype=train_config.compute_dtype)
+        optimizer_factory = functools.partial(optim.make_optimizer, train_config)
+    plan = plan_memory(model_config, mesh_config, slice_spec, batch_size=int(data.batch_size),
+                       seq_len=int(data.seq_len), grad_accum_steps=accum,
+                       param_dtype=param_dtype, optimizer_dtype=optimizer_dtype,
+                       optimizer_factory=optimizer_factory)
+    runtime = model_config.runtime
+    header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
+              f"micro-batch(es); compute {runtime.dtype}; MoE {runtime.moe_impl}"
+              + (f" (capacity factor {runtime.expert_capacity_factor:g})"
+                 if runtime.moe_impl == "expert_parallel" else ""))
+    table = format_plan(plan, header)
+    split = expert_axes(mesh_config, plan.axis_sizes)
+    if split and runtime.moe_impl != "expert_parallel":
+        table += (f"\nnote: experts are split over {split} but model.runtime.moe_impl="
+                  f"{runtime.moe_impl!r}; set --config.model.runtime.moe_impl=expert_parallel so "
+                  "tokens travel to the experts instead of the compiler gathering every "
+                  "expert's weights")
+    return plan, table
