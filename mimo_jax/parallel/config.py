@@ -15,7 +15,8 @@ import dataclasses
 from typing import Any, Mapping
 
 from mimo_jax.config import ConfigError
-from mimo_jax.ops.moe_expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
+from mimo_jax.ops.moe.expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
+from mimo_jax.parallel.rules import PRESETS
 
 # Mesh axes in order from the least to the most communication-hungry: the device-mesh builder puts
 # later axes on the closest devices (the tensor axis's per-layer all-reduces on neighbours).
@@ -89,7 +90,6 @@ class MeshConfig:
         return dict(self.dcn)
 
     def validate(self) -> "MeshConfig":
-        from mimo_jax.parallel.rules import PRESETS  # pylint: disable=import-outside-toplevel
         if self.rules not in PRESETS:
             _fail("mesh.rules", self.rules, f"must be one of {sorted(PRESETS)}")
         if self.expert_capacity_factor < 0:
