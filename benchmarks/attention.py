@@ -183,9 +183,10 @@ def main() -> None:
     args.dtype = args.dtype or ("float32" if on_cpu else "bfloat16")
     args.impls = args.impls or (["reference", "chunked"] if on_cpu
                                 else ["pallas", "chunked", "reference"])
-    bad = [impl for impl in args.impls if impl not in ("reference", "chunked", "pallas")]
+    bad = [impl for impl in args.impls if impl not in attention_ops.IMPLEMENTATIONS]
     if bad:
-        raise SystemExit(f"--impls: unknown implementation {bad[0]!r}")
+        raise SystemExit(f"--impls: unknown implementation {bad[0]!r}, not one of "
+                         f"{tuple(attention_ops.IMPLEMENTATIONS)}")
     run(args)
 
 

@@ -40,26 +40,26 @@ def relative_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
-def output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent):
-    """fn's output and the gradients (q, k, v, sinks) of <output, cotangent>, in one jit."""
-    @jax.jit
+def output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent, jit=jax.jit):
+    """fn's output and the gradients (q, k, v, sinks) of <output, cotangent>, in one `jit`."""
     def run(q_, k_, v_, s_, segments, cot):
         out, pullback = jax.vjp(lambda *args: fn(*args, segments), q_, k_, v_, s_)
         return out, pullback(cot.astype(out.dtype))
-    return run(q, k, v, sinks, segment_ids, cotangent)
+    return jit(run)(q, k, v, sinks, segment_ids, cotangent)
 
 
 def check_case(fn, reference_fn, inputs, *, sink: str, out_tol: float, grad_tol: float,
-               seed: int):
+               seed: int, jit=jax.jit):
     """fn against reference_fn: outputs, dq, dk, dv, dsinks; padding rows exactly zero.
 
     sink="-inf": fn gets sinks of -inf and the reference gets no sinks at all (and dsinks = 0).
+    jit: how fn's program is compiled (e.g. on a mesh); the reference's is plain `jax.jit`.
     """
     q, k, v, sinks, segment_ids, cotangent = inputs
     if sink == "-inf":
         sinks = jnp.full_like(sinks, -jnp.inf)
         reference_fn = _without_sinks(reference_fn)
-    out, grads = output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent)
+    out, grads = output_and_grads(fn, q, k, v, sinks, segment_ids, cotangent, jit)
     want, want_grads = output_and_grads(reference_fn, q, k, v, sinks, segment_ids, cotangent)
     err = relative_error(out, want)
     assert err <= out_tol, f"output error {err:.2e} > {out_tol} (seed {seed})"

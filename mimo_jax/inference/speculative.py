@@ -16,8 +16,8 @@ One step, for a row whose newest token t_n sits at position n (the main cache ho
              Each kept token is then distributed exactly as under the model's own sampling
              (Leviathan et al. 2023; Chen et al. 2023).
 Rejected drafts leave their keys in the main cache past the new newest position. Those slots are
-invisible (`cache.attend` shows old slots only before a chunk's start) until the real tokens of
-those positions overwrite them.
+invisible (`ops.attention.kv_cache.attend` shows old slots only before a chunk's start) until the
+real tokens of those positions overwrite them.
 
 Everything after the prefill is one `jax.lax.while_loop`: one compiled program per generation.
 Legend: B batch, k drafts, C = 2k MTP chunk, D model dim, V vocab, S buffer length.

@@ -1,7 +1,8 @@
 """Sliding-window (SWA) and global (GA) attention layers of MiMo-V2-Flash.
 
 Both types share the code; an `AttentionConfig` sets heads, KV heads, head dims, RoPE theta, window
-and whether the layer has a learnable per-head sink. The attention itself is `mimo_jax.ops.attention`.
+and whether the layer has a learnable per-head sink. The attention itself is `mimo_jax.ops.attention`
+(`attention` over a batch, `kv_cache.attend` over a decoding cache).
 Legend: B batch, T length, D model dim, N query heads, K KV heads, H q/k head dim, V value head dim.
 """
 
@@ -14,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax.config import AttentionConfig
-from mimo_jax.model.layers import apply_partial_rope, normal_init, param_with_axes
+from mimo_jax.model.layers import apply_partial_rope, normal_init
 from mimo_jax.ops import attention as attention_ops
+from mimo_jax.ops.attention import kv_cache
 
 
 class Attention(nn.Module):
@@ -75,13 +77,13 @@ class Attention(nn.Module):
         return jnp.einsum("btnv,nvd->btd", attended.astype(self.dtype),
                           self.o_proj.astype(self.dtype))
 
-    def decode(self, x: jax.Array, positions: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    def decode(self, x: jax.Array, positions: jax.Array,
+               cache: kv_cache.LayerCache) -> tuple[jax.Array, kv_cache.LayerCache]:
         """Attention of a chunk of new tokens over a KV cache, which it then extends.
 
         x: [B, T, D]; positions: [B, T] absolute positions, -1 for padding (neither attends nor is
-        stored); cache: a `mimo_jax.inference.cache.LayerCache`. Returns ([B, T, D], new cache).
+        stored); cache: the layer's `kv_cache.LayerCache`. Returns ([B, T, D], new cache).
         """
-        from mimo_jax.inference import cache as kv_cache  # pylint: disable=import-outside-toplevel
         q, k, v = self.project(x, jnp.maximum(positions, 0))
         attended, cache = kv_cache.attend(cache, q, k, v, positions,
                                           window=self.config.sliding_window, sinks=self.sinks)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from mimo_jax.model.layers import normal_init, param_with_axes
 from mimo_jax.ops import moe as moe_ops
-from mimo_jax.ops import moe_expert_parallel
+from mimo_jax.ops.moe.expert_parallel import ExpertParallelOptions
 
 CORRECTION_BIAS = "e_score_correction_bias"
 
@@ -31,8 +31,7 @@ class MoE(nn.Module):
     routed_scaling_factor: float = 1.0
     impl: str = "dense"
     # Receive buffer and transport of the "expert_parallel" dispatch.
-    expert_options: moe_expert_parallel.ExpertParallelOptions = (
-        moe_expert_parallel.ExpertParallelOptions())
+    expert_options: ExpertParallelOptions = ExpertParallelOptions()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -61,24 +60,19 @@ class MoE(nn.Module):
         logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router)
         weights, indices, scores = moe_ops.route(
             logits, bias, self.top_k, normalize=True, scaling=self.routed_scaling_factor)
-        if self.impl == "expert_parallel":
-            # Mesh axes come from the logical rules; without a mesh this is the local dispatch.
-            y = moe_expert_parallel.dispatch(
-                x.astype(self.dtype), weights.reshape(b, t, -1), indices.reshape(b, t, -1),
-                w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
-                token_mask=segment_ids > 0,
-                token_spec=nn.logical_to_mesh_axes(("batch", "length", "embed")),
-                weight_spec=nn.logical_to_mesh_axes(("experts", "embed", "mlp")),
-                options=self.expert_options)
-        else:
-            y = moe_ops.dispatch(tokens.astype(self.dtype), weights, indices,
-                                 w_gate.astype(self.dtype), w_up.astype(self.dtype),
-                                 w_down.astype(self.dtype), impl=self.impl)
-        token_mask = (segment_ids > 0).reshape(-1)
+        y = moe_ops.dispatch(
+            x.astype(self.dtype), weights.reshape(b, t, -1), indices.reshape(b, t, -1),
+            w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
+            impl=self.impl, token_mask=segment_ids > 0,
+            # Mesh axes under the current logical rules: the expert-parallel backend splits the
+            # experts over them (without a mesh it is the local dispatch).
+            mesh_axes=(nn.logical_to_mesh_axes(("batch", "length", "embed")),
+                       nn.logical_to_mesh_axes(("experts", "embed", "mlp"))),
+            options=self.expert_options)
         stats = {
-            "load": moe_ops.expert_load(indices, token_mask, e),
+            "load": moe_ops.expert_load(indices, (segment_ids > 0).reshape(-1), e),
             "balance_loss": moe_ops.sequence_balance_loss(
                 scores.reshape(b, t, e), indices.reshape(b, t, self.top_k), segment_ids,
                 self.top_k),
         }
-        return y.reshape(b, t, d), stats
+        return y, stats

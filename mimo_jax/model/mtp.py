@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from mimo_jax.config import ModelConfig
 from mimo_jax.model.attention import Attention
 from mimo_jax.model.layers import DenseSwiGLU, RMSNorm, dtype_of, normal_init, param_with_axes
+from mimo_jax.ops.attention.kv_cache import LayerCache
 
 
 def shift_left(x: jax.Array, segment_ids: jax.Array, shift: int,
@@ -31,7 +32,7 @@ def shift_left(x: jax.Array, segment_ids: jax.Array, shift: int,
     [B, T] bool: False where t + shift runs past the row or into another document (or padding);
     those entries hold `fill`.
     """
-    b, t = segment_ids.shape
+    t = segment_ids.shape[1]
     if shift == 0:
         return x, segment_ids > 0
     pad_width = ((0, 0), (0, shift)) + ((0, 0),) * (x.ndim - 2)
@@ -43,18 +44,21 @@ def shift_left(x: jax.Array, segment_ids: jax.Array, shift: int,
 
 
 class MTPHead(nn.Module):
-    """One MTP depth. Returns its hidden state h^k (before the final norm) and the normed output."""
+    """One MTP depth. Returns its hidden state h^k (before the final norm), the normed output and
+    its updated KV cache (None when not decoding)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, previous_hidden: jax.Array, next_token_embedding: jax.Array,
                  positions: jax.Array, segment_ids: jax.Array,
-                 cache=None) -> tuple[jax.Array, jax.Array]:
-        """previous_hidden, next_token_embedding: [B, T, D] -> (h^k [B, T, D], normed [B, T, D]).
+                 cache: LayerCache | None = None
+                 ) -> tuple[jax.Array, jax.Array, LayerCache | None]:
+        """previous_hidden, next_token_embedding: [B, T, D] ->
+        (h^k [B, T, D], normed [B, T, D], new cache or None).
 
-        With a KV `cache` (decoding; positions -1 mark padding) it returns
-        (h^k, normed, new cache).
+        With a KV `cache` (decoding; positions -1 mark padding) attention runs over it and the
+        extended cache is the third value; without one the third value is None.
         """
         cfg = self.config
         dtype, param_dtype = dtype_of(cfg.runtime.dtype), dtype_of(cfg.param_dtype)
@@ -80,6 +84,4 @@ class MTPHead(nn.Module):
         mlp = DenseSwiGLU(cfg.dense_intermediate_size, cfg.init_std, dtype=dtype,
                           param_dtype=param_dtype, name="mlp")
         h = h + mlp(norm("post_attention_norm")(h))
-        if cache is not None:
-            return h, norm("final_norm")(h), cache
-        return h, norm("final_norm")(h)
+        return h, norm("final_norm")(h), cache

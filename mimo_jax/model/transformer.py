@@ -18,7 +18,8 @@ from mimo_jax.model.attention import Attention
 from mimo_jax.model.layers import DenseSwiGLU, Embed, LMHead, RMSNorm, dtype_of
 from mimo_jax.model.moe import MoE
 from mimo_jax.model.mtp import MTPHead, shift_left
-from mimo_jax.ops.moe_expert_parallel import ExpertParallelOptions
+from mimo_jax.ops.attention.kv_cache import LayerCache
+from mimo_jax.ops.moe.expert_parallel import ExpertParallelOptions
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the layer in the backward pass
@@ -46,6 +47,18 @@ class ModelOutput:
     balance_loss: jax.Array
 
 
+@flax.struct.dataclass
+class LayerAux:
+    """What a decoder layer returns beside its hidden state (a scan stacks it over the layers).
+
+    moe_stats: the MoE block's stats (`load` [E], `balance_loss` []), or {} for a dense layer.
+    cache: the layer's updated KV cache when decoding, else None.
+    """
+
+    moe_stats: dict
+    cache: LayerCache | None
+
+
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     """Per-document positions: 0 at each document start, counting up; 0 on padding. [B, T] int32."""
     t = segment_ids.shape[1]
@@ -65,11 +78,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array, cache=None) -> tuple[jax.Array, dict]:
-        """x: [B, T, D] -> (x [B, T, D], MoE stats or {} for a dense layer).
+                 segment_ids: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerAux]:
+        """x: [B, T, D] -> (x [B, T, D], `LayerAux`: MoE stats and the new cache).
 
-        With a KV `cache` (decoding; positions -1 mark padding) it returns
-        (x, (stats, new cache)) instead.
+        With a KV `cache` (decoding; positions -1 mark padding) attention runs over it and the
+        extended cache comes back in the `LayerAux`; without one its cache is None.
         """
         cfg, runtime = self.config, self.config.runtime
         dtype, param_dtype = dtype_of(runtime.dtype), dtype_of(cfg.param_dtype)
@@ -101,7 +115,7 @@ class DecoderLayer(nn.Module):
                                  name="moe")(normed, segment_ids)
         x = x + ffn_out.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return (x, stats) if cache is None else (x, (stats, cache))
+        return x, LayerAux(moe_stats=stats, cache=cache)
 
 
 def _layer_class(config: ModelConfig):
@@ -131,12 +145,12 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
                  segment_ids: jax.Array, cache: dict | None = None
-                 ) -> tuple[jax.Array, list[dict]]:
-        """x: [B, T, D] -> (x [B, T, D], a list of per-MoE-layer stats in layer order).
+                 ) -> tuple[jax.Array, list[dict], dict | None]:
+        """x: [B, T, D] -> (x [B, T, D], per-MoE-layer stats in layer order, new cache or None).
 
-        With a KV `cache` (decoding: a dict keyed by block name, scanned runs of several layers
-        carrying a leading [run length] axis, see `mimo_jax.inference.cache`) it returns
-        (x, stats, new cache).
+        `cache` is the KV cache when decoding: a dict keyed by block name, scanned runs of several
+        layers carrying a leading [run length] axis (see `mimo_jax.inference.cache`). Without one
+        the third value is None.
         """
         cfg = self.config
         layer_cls = _layer_class(cfg)
@@ -154,12 +168,12 @@ class Decoder(nn.Module):
                     length=run.length, metadata_params={nn.PARTITION_NAME: "layers"},
                     unroll=run.length if cached else 1)
                 name = layout.block_name(cfg, r, run.start)
-                x, stats = scanned(cfg, run.layer_type, run.mlp_type, name=name)(
+                x, aux = scanned(cfg, run.layer_type, run.mlp_type, name=name)(
                     x, positions, segment_ids, *((cache[name],) if cached else ()))
                 if cached:
-                    stats, new_cache[name] = stats
+                    new_cache[name] = aux.cache
                 if run.mlp_type == MOE:
-                    moe_stats.extend(jax.tree.map(lambda s, j=j: s[j], stats)
+                    moe_stats.extend(jax.tree.map(lambda s, j=j: s[j], aux.moe_stats)
                                      for j in range(run.length))
             else:
                 # Decoding a scanned run of one layer (each global layer) without its scan keeps
@@ -167,16 +181,14 @@ class Decoder(nn.Module):
                 cls = _first_of_run(layer_cls) if cfg.scan_layers else layer_cls
                 for i in run.layers:
                     name = layout.block_name(cfg, r, i)
-                    x, stats = cls(cfg, run.layer_type, run.mlp_type, name=name)(
+                    x, aux = cls(cfg, run.layer_type, run.mlp_type, name=name)(
                         x, positions, segment_ids,
                         *((cache[name],) if cache is not None else ()))
                     if cache is not None:
-                        stats, new_cache[name] = stats
+                        new_cache[name] = aux.cache
                     if run.mlp_type == MOE:
-                        moe_stats.append(stats)
-        if cache is not None:
-            return x, moe_stats, new_cache
-        return x, moe_stats
+                        moe_stats.append(aux.moe_stats)
+        return x, moe_stats, (new_cache if cache is not None else None)
 
 
 class MiMoV2Flash(nn.Module):
@@ -210,7 +222,7 @@ class MiMoV2Flash(nn.Module):
         if positions is None:
             positions = positions_from_segments(segment_ids)
         x = self.embed(tokens)
-        hidden, moe_stats = self.decoder(x, positions, segment_ids)
+        hidden, moe_stats, _ = self.decoder(x, positions, segment_ids)
         logits = self.logits(hidden)
         mtp_logits = None
         if return_mtp and self.mtp_heads:
@@ -235,7 +247,7 @@ class MiMoV2Flash(nn.Module):
         previous = hidden
         for k, head in enumerate(self.mtp_heads, start=1):
             next_tokens, _ = shift_left(tokens, segment_ids, k)
-            previous, normed = head(previous, self.embed(next_tokens), positions, segment_ids)
+            previous, normed, _ = head(previous, self.embed(next_tokens), positions, segment_ids)
             outputs.append(normed)
         return outputs
 
@@ -259,7 +271,8 @@ class MiMoV2Flash(nn.Module):
         return self.lm_head(self.final_norm(hidden))
 
     def mtp_decode(self, head: int, previous_hidden: jax.Array, next_tokens: jax.Array,
-                   positions: jax.Array, cache) -> tuple[jax.Array, jax.Array, object]:
+                   positions: jax.Array, cache: LayerCache
+                   ) -> tuple[jax.Array, jax.Array, LayerCache]:
         """MTP head `head` (0-based) over a chunk, with its KV cache.
 
         previous_hidden: [B, T, D] (the main hidden state for head 0, else the previous head's);

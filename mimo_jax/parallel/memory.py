@@ -28,10 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mimo_jax.config import MOE, SWA, ModelConfig, replace_model
 from mimo_jax.model.transformer import MiMoV2Flash
-from mimo_jax.ops.moe_expert_parallel import receive_capacity
+from mimo_jax.ops.moe.expert_parallel import receive_capacity
 from mimo_jax.ops.spec_axes import pad_spec
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MESH_AXES, MeshConfig
@@ -257,7 +258,6 @@ def plan_memory(model_config: ModelConfig, mesh_config: MeshConfig, slice_spec: 
     specs = nn.logical_to_mesh(logical, rules)
     param_bytes = _tree_bytes(params, specs, sizes)
 
-    import optax  # pylint: disable=import-outside-toplevel
     optimizer = optax.adamw(1e-4) if optimizer_factory is None else optimizer_factory(params)
     opt_state = jax.eval_shape(optimizer.init, params)
     opt_specs = match_params(opt_state, params, specs, jax.sharding.PartitionSpec())

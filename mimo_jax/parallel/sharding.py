@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mimo_jax.model.transformer import init_params
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MeshConfig
 from mimo_jax.parallel.mesh import make_mesh
@@ -37,7 +38,6 @@ def logical_param_specs(model: nn.Module, rng: jax.Array | None = None) -> tuple
 
     Nothing is allocated. The specs name logical axes (scanned layers add `layers` in front).
     """
-    from mimo_jax.model.transformer import init_params  # pylint: disable=import-outside-toplevel
     rng = jax.random.PRNGKey(0) if rng is None else rng
     boxed = jax.eval_shape(functools.partial(init_params, model, boxed=True), rng)
     return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)

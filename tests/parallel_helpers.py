@@ -9,12 +9,11 @@ import numpy as np
 
 from configs import tiny
 import model_configs
+# The parallel tests read QUICK_COMPILE from here.
+from compile_options import QUICK_COMPILE  # noqa: F401  pylint: disable=unused-import
 from mimo_jax.config import ModelConfig
 from mimo_jax.train import losses
 
-# XLA:CPU options for quick test compiles (the same numbers): no LLVM optimisation and no fusion
-# emitters roughly halve compile plus first run of these small programs.
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # A quicker model: a global dense layer and a sliding MoE layer, no MTP head.
 SMALL = dict(num_layers=2, num_mtp_heads=0)
 VOCAB = 256

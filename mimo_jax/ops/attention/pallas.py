@@ -1,10 +1,10 @@
 """Pallas flash attention with a sliding window, per-head sinks, GQA and packed segments.
 
-The differentiable entry point `flash_attention` (same contract as `ops.attention.attention`) wraps
+The differentiable entry point `flash_attention` (same contract as `api.attention`) wraps
 two kernel families behind one `jax.custom_vjp`:
-  swa_pallas_tpu.py  Mosaic kernels for TPU (grid axes over the window's blocks, (8, 128) tiles).
-  swa_pallas_gpu.py  Triton kernels for GPU (one program per block, loops over the window's blocks).
-swa_pallas_common.py holds what both share: the block plan, the tile mask and the softmax tile math.
+  pallas_tpu.py  Mosaic kernels for TPU (grid axes over the window's blocks, (8, 128) tiles).
+  pallas_gpu.py  Triton kernels for GPU (one program per block, loops over the window's blocks).
+pallas_common.py holds what both share: the block plan, the tile mask and the softmax tile math.
 
 Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, V value head dim.
 
@@ -24,7 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mimo_jax.ops import swa_pallas_gpu, swa_pallas_tpu
+from mimo_jax.ops.attention import pallas_gpu, pallas_tpu
+from mimo_jax.ops.attention.reference import check_arguments
 
 BACKENDS = ("tpu", "gpu")
 
@@ -34,7 +35,7 @@ class _Static:
     """Everything about a call that is not an array: the custom_vjp's non-differentiable part."""
 
     backend: str
-    plans: tuple  # swa_pallas_common.BlockPlan per kernel family (TPU: one; GPU: fwd, bwd)
+    plans: tuple  # pallas_common.BlockPlan per kernel family (TPU: one; GPU: fwd, bwd)
     interpret: bool
 
 
@@ -54,17 +55,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Arra
       block_q, block_k: tile lengths (default: 128x128 on TPU; 128x64 forward and 64x64
         backward on GPU).
     """
-    b, t, n, h = q.shape
-    if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != h:
-        raise ValueError(f"attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
-    if n % k.shape[2]:
-        raise ValueError(f"query heads {n} are not a multiple of KV heads {k.shape[2]}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
-    if sinks is not None and sinks.shape != (n,):
-        raise ValueError(f"sinks must have shape ({n},), got {sinks.shape}")
-    if segment_ids is not None and segment_ids.shape != (b, t):
-        raise ValueError(f"segment_ids must have shape {(b, t)}, got {segment_ids.shape}")
+    check_arguments(q, k, v, sinks, window, segment_ids)
+    t, n = q.shape[1], q.shape[2]
     platform = jax.default_backend()
     if backend is None:
         backend = "gpu" if platform == "gpu" else "tpu"
@@ -73,9 +65,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Arra
     if interpret is None:
         interpret = platform == "cpu"
     if backend == "tpu":
-        plans = (swa_pallas_tpu.make_plan(t, window, block_q, block_k),)
+        plans = (pallas_tpu.make_plan(t, window, block_q, block_k),)
     else:
-        plans = swa_pallas_gpu.make_plans(t, window, block_q, block_k)
+        plans = pallas_gpu.make_plans(t, window, block_q, block_k)
     if sinks is None:
         sinks = jnp.full((n,), -jnp.inf, jnp.float32)
     return _flash(q, k, v, sinks.astype(jnp.float32), segment_ids,
@@ -83,7 +75,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Arra
 
 
 def _module(static: _Static):
-    return swa_pallas_tpu if static.backend == "tpu" else swa_pallas_gpu
+    return pallas_tpu if static.backend == "tpu" else pallas_gpu
 
 
 def _kernel_plans(static: _Static):

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from mimo_jax.ops import swa_pallas_common as common
-from mimo_jax.ops.swa_pallas_common import NN, NT, TN, BlockPlan
+from mimo_jax.ops.attention import pallas_common as common
+from mimo_jax.ops.attention.pallas_common import NN, NT, TN, BlockPlan
 
 MIN_TILE = 16  # Triton's smallest matmul dimension
 FORWARD_BLOCKS = (128, 64)

@@ -5,8 +5,9 @@ Runs inside `jax.shard_map` over the whole mesh; shard c of P holds positions [c
   sliding window W  a query sees at most the W-1 keys before it, so shard c needs only the last
                     W-1 keys/values/segment ids of the shards before it: a halo passed along the
                     ring with `ppermute` (one hop when W-1 <= T'), never an all-gather. The shard
-                    then runs the ordinary attention (any impl, kernels included) over
-                    [halo ; own block] and keeps its own rows. Shard 0's halo is padding.
+                    then runs the local implementation it was given (any of `api.IMPLEMENTATIONS`,
+                    kernels included) over [halo ; own block] and keeps its own rows. Shard 0's
+                    halo is padding.
   global (causal)   K/V and segment ids are all-gathered over the context axes (GA layers have few
                     KV heads); the shard's queries attend by chunks at their global positions.
 
@@ -22,12 +23,13 @@ H q/k head dim, V value head dim, C query chunk, W window.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax.ops import attention as attention_ops
+from mimo_jax.ops.attention.reference import attention_mask, default_segments, masked_attention
 from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
 
@@ -82,8 +84,8 @@ def _offset_attention(q, k, v, q_segments, k_segments, q_offset, sinks, chunk_si
     def one_chunk(args):
         qc, qs, start = args
         qp = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
-        mask = attention_ops.attention_mask(qp, k_positions, qs, k_segments, None)
-        return attention_ops.masked_attention(qc, k, v, mask, sinks)
+        mask = attention_mask(qp, k_positions, qs, k_segments, None)
+        return masked_attention(qc, k, v, mask, sinks)
 
     out = jax.lax.map(one_chunk, (q_chunks, seg_chunks, starts))  # [chunks, B, C, N, V]
     out = jnp.moveaxis(out, 0, 1).reshape(b, num_chunks * c, n, v.shape[-1])
@@ -107,14 +109,17 @@ def _local_kv_heads(k, v, n_local: int, n_total: int, head_axes) -> tuple[jax.Ar
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | None,
-              window: int | None, segment_ids: jax.Array | None, impl: str, chunk_size: int,
-              q_spec: P, kv_spec: P,
+              window: int | None, segment_ids: jax.Array | None,
+              local_attention: Callable[..., jax.Array], chunk_size: int, q_spec: P, kv_spec: P,
               mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
     """`mimo_jax.ops.attention.attention` with the sequence split over mesh axes.
 
+    local_attention: `fn(q, k, v, *, sinks, window, segment_ids)` with the contract of
+      `api.attention`, run on each shard's [halo ; own block] of a sliding-window layer.
+    chunk_size: query chunk length of a global layer's attention over the gathered keys.
     q_spec / kv_spec: mesh PartitionSpecs of q [batch, length, heads, head_dim] and of k and v
-    [batch, length, kv_heads, head_dim]; their length entries must agree and name the context
-    axes. Other arguments and the result are as in `ops.attention.attention`.
+      [batch, length, kv_heads, head_dim]; their length entries must agree and name the context
+      axes. Other arguments and the result are as in `api.attention`.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     q_spec, kv_spec = pad_spec(q_spec, 4), pad_spec(kv_spec, 4)
@@ -133,7 +138,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
     head_axes, kv_head_axes = spec_axes(q_spec[2]), spec_axes(kv_spec[2])
     if kv_head_axes and kv_head_axes != head_axes:
         raise ValueError(f"KV heads split over {kv_head_axes} but query heads over {head_axes}")
-    segment_ids = attention_ops.default_segments(segment_ids, b, t)
+    segment_ids = default_segments(segment_ids, b, t)
     axis = collective_axis(context_axes)
     has_sinks = sinks is not None
 
@@ -144,18 +149,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
         if window is not None:
             rows = window - 1
             if rows == 0:
-                return attention_ops.attention(q, k, v, sinks=local_sinks, window=window,
-                                               segment_ids=segments, impl=impl,
-                                               chunk_size=chunk_size)
+                return local_attention(q, k, v, sinks=local_sinks, window=window,
+                                       segment_ids=segments)
             halo_k, halo_v, halo_seg = (_halo(x, rows, axis, num_shards)
                                         for x in (k, v, segments))
             q_ext = jnp.concatenate([jnp.zeros((q.shape[0], rows) + q.shape[2:], q.dtype), q],
                                     axis=1)
-            out = attention_ops.attention(
+            out = local_attention(
                 q_ext, jnp.concatenate([halo_k, k], axis=1), jnp.concatenate([halo_v, v], axis=1),
                 sinks=local_sinks, window=window,
-                segment_ids=jnp.concatenate([halo_seg, segments], axis=1), impl=impl,
-                chunk_size=chunk_size)
+                segment_ids=jnp.concatenate([halo_seg, segments], axis=1))
             return out[:, rows:]
         k_all, v_all, seg_all = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
                                  for x in (k, v, segments))
@@ -167,6 +170,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
     seg_spec = P(q_spec[0], q_spec[1])
     in_specs = (q_spec, kv_spec, kv_spec, seg_spec) + ((P(q_spec[2]),) if has_sinks else ())
     out_spec = P(q_spec[0], q_spec[1], q_spec[2], None)
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec)
+    # check_vma=False: a Pallas kernel's outputs carry no varying-axes type, which the checked
+    # mode requires of every value; the replicated sinks' gradient is then summed over the
+    # shards by shard_map's unchecked transpose.
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec,
+                           check_vma=False)
     args = (q, k, v, segment_ids) + ((sinks,) if has_sinks else ())
     return mapped(*args)

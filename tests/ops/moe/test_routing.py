@@ -1,9 +1,8 @@
-"""Routing, dispatch, balance loss and bias update against plain numpy."""
+"""Routing, expert load, balance loss and bias update against plain numpy. (Dispatch: the shared
+cases of test_dispatch.py.)"""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from mimo_jax.ops import moe as moe_ops
 
@@ -31,51 +30,6 @@ def test_route_matches_numpy_and_bias_only_selects():
     unbiased_i = _numpy_route(logits, np.zeros_like(bias), 4)[1]
     assert (np.sort(unbiased_i, -1) != np.sort(ref_i, -1)).any()
     np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.5, rtol=1e-6)
-
-
-def _experts(rng, e=6, d=12, f=10):
-    return [jnp.asarray(rng.normal(scale=0.3, size=s).astype(np.float32))
-            for s in ((e, d, f), (e, d, f), (e, f, d))]
-
-
-def _numpy_moe(x, weights, indices, w_gate, w_up, w_down):
-    out = np.zeros_like(x)
-    for t in range(x.shape[0]):
-        for w, e in zip(weights[t], indices[t]):
-            gate, up = x[t] @ w_gate[e], x[t] @ w_up[e]
-            out[t] += w * ((gate / (1 + np.exp(-gate))) * up) @ w_down[e]
-    return out
-
-
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
-def test_dispatch_matches_numpy(impl):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(20, 12)).astype(np.float32)
-    experts = _experts(rng)
-    weights, indices, _ = moe_ops.route(jnp.asarray(rng.normal(size=(20, 6)), jnp.float32),
-                                        jnp.zeros(6), 3)
-    out = moe_ops.dispatch(jnp.asarray(x), weights, indices, *experts, impl=impl)
-    ref = _numpy_moe(x, np.asarray(weights), np.asarray(indices), *map(np.asarray, experts))
-    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
-
-
-def test_dense_and_ragged_gradients_agree():
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.normal(size=(24, 12)).astype(np.float32))
-    experts = _experts(rng)
-    logits = jnp.asarray(rng.normal(size=(24, 6)).astype(np.float32))
-
-    def loss(impl, x, logits, *experts):
-        weights, indices, _ = moe_ops.route(logits, jnp.zeros(6), 2)
-        out = moe_ops.dispatch(x, weights, indices, *experts, impl=impl)
-        return jnp.sum(out * jnp.sin(out))
-
-    grads = [jax.grad(loss, argnums=(1, 2, 3, 4, 5))(impl, x, logits, *experts)
-             for impl in ("dense", "ragged")]
-    for dense_g, ragged_g in zip(*grads):
-        np.testing.assert_allclose(np.asarray(ragged_g), np.asarray(dense_g), rtol=1e-4,
-                                   atol=1e-5)
-        assert np.abs(np.asarray(dense_g)).max() > 0
 
 
 def test_expert_load_skips_padding():

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mimo_jax.ops import swa_pallas_common as common
-from mimo_jax.ops.swa_pallas_common import NN, NT, BlockPlan
+from mimo_jax.ops.attention import pallas_common as common
+from mimo_jax.ops.attention.pallas_common import NN, NT, BlockPlan
 
 LANES = 128
 SUBLANES = 8

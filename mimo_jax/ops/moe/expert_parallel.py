@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax.ops import moe as moe_ops
+from mimo_jax.ops.moe.ragged import ragged_dispatch, sort_by_expert
 from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
 TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
@@ -134,7 +134,7 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     send = _transport(transport)
 
     # 1. Sort the copies by expert; padding copies get expert id E and sort last, unsent.
-    order, counts, sorted_expert = moe_ops.sort_by_expert(
+    order, counts, sorted_expert = sort_by_expert(
         jnp.where(mask[:, None], indices, num_experts), num_experts + 1)
     counts = counts[:num_experts]
     token_of_copy = order // top_k
@@ -187,7 +187,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
 
     Args:
       x: [B, T, D] tokens. weights, indices: [B, T, k] gate weights and expert ids (from
-        `moe_ops.route`). token_mask: [B, T] bool, False for padding (its output is zero and its
+        `routing.route`). token_mask: [B, T] bool, False for padding (its output is zero and its
         copies are not sent); None = all real.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
       token_spec: mesh PartitionSpec of x ([batch, length, embed] under the logical rules).
@@ -196,7 +196,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
       options: receive-buffer capacity and transport (the model's `RuntimeConfig`).
       mesh: defaults to the current mesh (`jax.sharding.get_abstract_mesh()`).
     Without a mesh, or when the experts are not split, this is the local dropless dispatch
-    (`moe_ops.ragged_dispatch`) with padding outputs zeroed: the same result.
+    (`ragged.ragged_dispatch`) with padding outputs zeroed: the same result.
     """
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     b, t, d = x.shape
@@ -206,8 +206,8 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     expert_axes = spec_axes(weight_spec[0])
     sizes = {} if mesh.empty else dict(mesh.shape)
     if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:
-        y = moe_ops.ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
-                                    indices.reshape(b * t, -1), w_gate, w_up, w_down)
+        y = ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
+                            indices.reshape(b * t, -1), w_gate, w_up, w_down)
         return jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
     if w_gate.shape[0] % math.prod(sizes[a] for a in expert_axes):
         raise ValueError(f"{w_gate.shape[0]} experts do not split over mesh axes {expert_axes} "

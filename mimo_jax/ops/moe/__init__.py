@@ -1,0 +1,20 @@
+"""Mixture-of-experts math as pure functions: routing and balancing, and the dispatch backends.
+
+    from mimo_jax.ops import moe as moe_ops
+    weights, indices, scores = moe_ops.route(logits, correction_bias, top_k)
+    y = moe_ops.dispatch(x, weights, indices, w_gate, w_up, w_down, impl="ragged")
+
+Modules: `routing` (router, expert load, balance loss, correction-bias update), `api` (the
+`dispatch` entry point and the registry of backends), `dense` (the dense twin), `ragged` (dropless
+sorted dispatch), `expert_parallel` (experts split over mesh axes, all-to-all exchange).
+"""
+
+from mimo_jax.ops.moe.api import IMPLEMENTATIONS, IMPLS, dispatch
+from mimo_jax.ops.moe.dense import dense_dispatch
+from mimo_jax.ops.moe.ragged import ragged_dispatch, sort_by_expert
+from mimo_jax.ops.moe.routing import (expert_load, route, sequence_balance_loss,
+                                      update_correction_bias)
+
+__all__ = ["IMPLEMENTATIONS", "IMPLS", "dense_dispatch", "dispatch", "expert_load",
+           "ragged_dispatch", "route", "sequence_balance_loss", "sort_by_expert",
+           "update_correction_bias"]

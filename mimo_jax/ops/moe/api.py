@@ -1,0 +1,93 @@
+"""MoE dispatch: the entry point `dispatch` and the one registry of its backends.
+
+Every backend runs the routed experts on the same inputs and returns the same result:
+  dense            every expert on every token, combined by gate weight (`dense.py`): E/k times
+                   the FLOPs but plain einsums; the obviously-correct twin.
+  ragged           dropless sorted dispatch with grouped matmuls (`ragged.py`).
+  expert_parallel  the experts split over mesh axes, token copies exchanged with all-to-all
+                   (`expert_parallel.py`); without a mesh that splits the experts it is the
+                   ragged dispatch.
+The model makes one call whatever the backend; the backend is a config value.
+
+Legend: B batch, T length, D model dim, E experts, k experts per token, F expert ffn dim.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mimo_jax.ops.moe import expert_parallel
+from mimo_jax.ops.moe.dense import dense_dispatch
+from mimo_jax.ops.moe.ragged import ragged_dispatch
+
+
+def _on_flat_tokens(local_dispatch, x, weights, indices, w_gate, w_up, w_down, token_mask):
+    """A one-device dispatch over [T, D] applied to tokens [..., D]; padding outputs zeroed."""
+    d, top_k = x.shape[-1], indices.shape[-1]
+    y = local_dispatch(x.reshape(-1, d), weights.reshape(-1, top_k), indices.reshape(-1, top_k),
+                       w_gate, w_up, w_down).reshape(x.shape)
+    if token_mask is None:
+        return y
+    return jnp.where(token_mask[..., None], y, jnp.zeros((), y.dtype))
+
+
+def _dense(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options):
+    del mesh_axes, options  # all experts on one device
+    return _on_flat_tokens(dense_dispatch, x, weights, indices, w_gate, w_up, w_down, token_mask)
+
+
+def _ragged(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options):
+    del mesh_axes, options  # all experts on one device
+    return _on_flat_tokens(ragged_dispatch, x, weights, indices, w_gate, w_up, w_down, token_mask)
+
+
+def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes,
+                     options):
+    if x.ndim != 3:
+        raise ValueError(f"expert-parallel dispatch needs tokens [B, T, D], got shape {x.shape}")
+    token_spec, weight_spec = (P(), P()) if mesh_axes is None else mesh_axes
+    return expert_parallel.dispatch(x, weights, indices, w_gate, w_up, w_down,
+                                    token_mask=token_mask, token_spec=token_spec,
+                                    weight_spec=weight_spec,
+                                    options=options or expert_parallel.ExpertParallelOptions())
+
+
+# name -> fn(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options), the
+# contract
+# of `dispatch`.
+IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
+    "dense": _dense,
+    "ragged": _ragged,
+    "expert_parallel": _expert_parallel,
+}
+IMPLS = tuple(IMPLEMENTATIONS)
+
+
+def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
+             w_up: jax.Array, w_down: jax.Array, *, impl: str = "dense",
+             token_mask: jax.Array | None = None, mesh_axes: tuple | None = None,
+             options: expert_parallel.ExpertParallelOptions | None = None) -> jax.Array:
+    """Runs the routed experts: sum over a token's k experts of gate weight x SwiGLU expert.
+
+    Args:
+      x: [..., D] tokens ([T, D] or [B, T, D]; expert_parallel needs [B, T, D]).
+      weights, indices: [..., k] gate weights and expert ids (from `routing.route`).
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      impl: one of `IMPLS`.
+      token_mask: [...] bool, False for padding: its output is zero (and expert parallelism does
+        not send it). None = every token is real.
+      mesh_axes: optional (x, w_gate) mesh PartitionSpecs of [batch, length, embed] and
+        [experts, embed, mlp] (from the logical axis rules); expert_parallel splits the experts
+        over the axes of the second one's first entry. The one-device backends ignore it.
+      options: expert_parallel's receive-buffer capacity and transport (the model's
+        `RuntimeConfig`; None = dropless, transport by backend). The others ignore it.
+    Returns x's shape and dtype.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"MoE impl {impl!r} is not one of {IMPLS}")
+    return IMPLEMENTATIONS[impl](x, weights, indices, w_gate, w_up, w_down,
+                                 token_mask=token_mask, mesh_axes=mesh_axes, options=options)
