@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from mimo_jax.config_reader import (ConfigError, Section, above, at_least, each_one_of, fail,
                                     one_of, option, parse_value, read_section, replace, to_dict)
-from mimo_jax.ops.moe_expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
+from mimo_jax.ops.moe.expert_parallel import TRANSPORTS as EXPERT_TRANSPORTS
 
 __all__ = [
     "ATTENTION_IMPLS", "DENSE", "DTYPES", "EXPERT_TRANSPORTS", "GA", "MOE", "MOE_IMPLS",

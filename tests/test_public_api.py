@@ -33,7 +33,7 @@ MICRO = {
     "model.full.v_head_dim": "8", "model.full.rope_dim": "8",
     "model.dense_intermediate_size": "64", "model.moe_intermediate_size": "16",
     "model.num_experts": "4", "model.num_experts_per_token": "2", "model.num_mtp_heads": "1",
-    "model.attention_chunk_size": "8", "model.init_std": "0.06",
+    "model.runtime.attention_chunk_size": "8", "model.init_std": "0.06",
 }
 PROMPT = "def add(x, y):\n"
 NEW_TOKENS = 6
@@ -135,9 +135,9 @@ def test_tiny_end_to_end_generate_save_load(micro):
 
     mimo_jax.save_hf(net.config, params, str(directory / "hf"))
     # A Hugging Face config.json holds the architecture; the runtime choices come from the caller.
-    runtime = {k: getattr(net.config, k) for k in ("moe_impl", "attention_impl",
-                                                   "attention_chunk_size", "scan_layers", "dtype",
-                                                   "param_dtype")}
+    runtime = {k: getattr(net.config.runtime, k) for k in ("moe_impl", "attention_impl",
+                                                           "attention_chunk_size", "dtype")}
+    runtime.update(scan_layers=net.config.scan_layers, param_dtype=net.config.param_dtype)
     loaded, loaded_params = mimo_jax.load_hf(str(directory / "hf"), **runtime)
     assert loaded.config == net.config
     tokens = np.zeros((1, 7 + NEW_TOKENS), np.int32)
