@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mimo_jax.config import ModelConfig
 
@@ -73,7 +74,6 @@ def stack_layers(layers: list[dict[str, Any]], config: ModelConfig,
     if len(layers) != config.num_layers:
         raise ValueError(f"expected {config.num_layers} layers, got {len(layers)}")
     if stack is None:
-        import numpy as np  # pylint: disable=import-outside-toplevel
         stack = np.stack
     out = {}
     for r, run in enumerate(layer_runs(config)):

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from mimo_jax.config import (RUNTIME_KEYS, ModelConfig, architecture, model_config_from_dict,
                              model_config_to_dict)
+from mimo_jax.model.transformer import MiMoV2Flash, init_params
 from mimo_jax.train.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -157,7 +158,6 @@ def load_exported(directory: str | pathlib.Path) -> tuple[ModelConfig, Any]:
     if flat:
         raw["runtime"] = {**raw.get("runtime", {}), **flat}
     config = model_config_from_dict(raw)
-    from mimo_jax.model.transformer import MiMoV2Flash, init_params  # pylint: disable=import-outside-toplevel
     abstract = jax.eval_shape(lambda: init_params(MiMoV2Flash(config), jax.random.PRNGKey(0)))
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", abstract)
