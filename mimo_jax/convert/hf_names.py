@@ -1,7 +1,7 @@
 """Which Hugging Face tensor each parameter comes from, and how its layout changes.
 
 torch `Linear` weights are [out, in]; ours are [in..., out...] with heads split out, e.g.
-`q_proj.weight` [N*H, D] <-> `q_proj` [D, N, H] and `o_proj.weight` [D, N*V] <-> `o_proj` [N, V, D].
+`q_proj.weight` [N*H, D] <-> `q_proj` [D, N, H] and `o_proj.weight` [D, N*U] <-> `o_proj` [N, U, D].
 Experts load from either per-expert tensors (`mlp.experts.{e}.{gate,up,down}_proj.weight`, the
 released layout and what `save_pretrained` writes) or transformers' fused parameters
 (`mlp.experts.gate_up_proj` [E, 2F, D] with gate first, `mlp.experts.down_proj` [E, D, F]); they

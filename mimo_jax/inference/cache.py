@@ -13,7 +13,7 @@ Plain decoding writes nothing ahead (W slots suffice); a speculative step writes
 rejected positions ahead of the next start, and the MTP heads re-read M - 2 of their last positions,
 so speculative decoding adds `extra_slots = max(k - 1, M - 2)`.
 
-Legend: B batch, S slots, L layers in a scanned run, K KV heads, H q/k head dim, V value head dim.
+Legend: B batch, S slots, L layers in a scanned run, K KV heads, H q/k head dim, U value head dim.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both types share the code; an `AttentionConfig` sets heads, KV heads, head dims, RoPE theta, window
 and whether the layer has a learnable per-head sink. The attention itself is `mimo_jax.ops.attention`
 (`attention` over a batch, `kv_cache.attend` over a decoding cache).
-Legend: B batch, T length, D model dim, N query heads, K KV heads, H q/k head dim, V value head dim.
+Legend: B batch, T length, D model dim, N query heads, K KV heads, H q/k head dim, U value head dim.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Attention(nn.Module):
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values with RoPE applied and values scaled (what a KV cache stores).
 
-        x: [B, T, D]; positions: [B, T]. Returns q [B, T, N, H], k [B, T, K, H], v [B, T, K, V].
+        x: [B, T, D]; positions: [B, T]. Returns q [B, T, N, H], k [B, T, K, H], v [B, T, K, U].
         """
         cfg = self.config
         x = x.astype(self.dtype)
@@ -73,8 +73,8 @@ class Attention(nn.Module):
         return q, k, v
 
     def output(self, attended: jax.Array) -> jax.Array:
-        """attended: [B, T, N, V] -> [B, T, D]."""
-        return jnp.einsum("btnv,nvd->btd", attended.astype(self.dtype),
+        """attended: [B, T, N, U] -> [B, T, D]."""
+        return jnp.einsum("btnu,nud->btd", attended.astype(self.dtype),
                           self.o_proj.astype(self.dtype))
 
     def decode(self, x: jax.Array, positions: jax.Array,

@@ -14,7 +14,7 @@ on the slice's mesh. Activations are an estimate from the model's shapes under t
              plus one logits gradient.
   MTP blocks the MTP heads' layers, which are not rematerialised.
 Legend: B batch rows per micro-batch, T sequence length, D model dim, F ffn dim, E experts,
-k experts per token, V vocab, N/K query/KV heads, H/Hv q/k and value head dims, C receive rows.
+k experts per token, V vocab, N/K query/KV heads, H/U q/k and value head dims, R receive rows.
 """
 
 from __future__ import annotations

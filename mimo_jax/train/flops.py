@@ -7,7 +7,7 @@ sliding-window layer sees min(W, t + 1) keys at position t, a global layer t + 1
 norms, RoPE, softmax and other elementwise work (a few percent at this size, less at full size),
 and work an implementation does beyond the model (experts computed for tokens not routed to them
 by a dense dispatch, masked-out attention blocks, rematerialisation). Training = 3 x forward.
-Legend: D model dim, N query heads, K KV heads, H q/k head dim, V value head dim, T row length,
+Legend: D model dim, N query heads, K KV heads, H q/k head dim, U value head dim, T row length,
 W window, E experts, F ffn dim.
 """
 

@@ -13,7 +13,7 @@ axes split the sequence, `context_parallel.py` runs the chosen implementation on
 (sliding-window layers with a halo from the previous shard, global layers over gathered keys);
 the result is the same.
 
-Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, V value head dim,
+Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, U value head dim,
 C chunk length, W window.
 """
 
@@ -68,10 +68,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
               window: int | None = None, segment_ids: jax.Array | None = None,
               impl: str = "auto", chunk_size: int = 128,
               mesh_axes: tuple | None = None) -> jax.Array:
-    """Causal self-attention. Returns [B, T, N, V] in q's dtype.
+    """Causal self-attention. Returns [B, T, N, U] in q's dtype.
 
     Args:
-      q: [B, T, N, H] queries. k: [B, T, K, H] keys. v: [B, T, K, V] values. N % K == 0.
+      q: [B, T, N, H] queries. k: [B, T, K, H] keys. v: [B, T, K, U] values. N % K == 0.
       sinks: [N] per-head sink logits, or None for no sink (equal to a sink of -inf).
       window: a query at i sees keys i-W+1..i (W keys, itself included); None = full causal.
       segment_ids: [B, T] int32; 0 marks padding (such a row attends to nothing and returns zeros),

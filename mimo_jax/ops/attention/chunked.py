@@ -2,7 +2,7 @@
 reaches, so cost and memory are O(T * (C + W)); full-causal layers read all keys per chunk
 (O(T^2) compute, O(T * C) memory). The XLA path used on CPU.
 
-Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, V value head dim,
+Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, U value head dim,
 C chunk length, W window.
 """
 

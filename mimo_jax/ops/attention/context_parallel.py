@@ -17,7 +17,7 @@ query heads are split and the KV heads are not, each shard slices out the KV hea
 use.
 
 Legend: B batch, T' local length, T global length, N query heads, K KV heads, G = N // K,
-H q/k head dim, V value head dim, C query chunk, W window.
+H q/k head dim, U value head dim, C query chunk, W window.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _halo(x: jax.Array, rows: int, axis, num_shards: int) -> jax.Array:
 def _offset_attention(q, k, v, q_segments, k_segments, q_offset, sinks, chunk_size: int):
     """Causal attention of queries at global positions q_offset + [0, T') over all T keys.
 
-    q: [B, T', N, H]; k: [B, T, K, H]; v: [B, T, K, V]; q_segments [B, T']; k_segments [B, T].
-    Returns [B, T', N, V] float32. Each chunk is rematerialised in the backward pass so that only
+    q: [B, T', N, H]; k: [B, T, K, H]; v: [B, T, K, U]; q_segments [B, T']; k_segments [B, T].
+    Returns [B, T', N, U] float32. Each chunk is rematerialised in the backward pass so that only
     one chunk's [C, T] probabilities are alive at a time.
     """
     b, t_local, n, h = q.shape
@@ -87,7 +87,7 @@ def _offset_attention(q, k, v, q_segments, k_segments, q_offset, sinks, chunk_si
         mask = attention_mask(qp, k_positions, qs, k_segments, None)
         return masked_attention(qc, k, v, mask, sinks)
 
-    out = jax.lax.map(one_chunk, (q_chunks, seg_chunks, starts))  # [chunks, B, C, N, V]
+    out = jax.lax.map(one_chunk, (q_chunks, seg_chunks, starts))  # [chunks, B, C, N, U]
     out = jnp.moveaxis(out, 0, 1).reshape(b, num_chunks * c, n, v.shape[-1])
     return out[:, :t_local]
 

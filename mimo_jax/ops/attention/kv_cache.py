@@ -17,7 +17,7 @@ with the chunk would copy it every step); its rejected keys are overwritten by t
 which covers their positions. How many slots a ring needs is `mimo_jax.inference.cache`'s business.
 
 Legend: B batch, T new tokens, S slots, N query heads, K KV heads, H q/k head dim,
-V value head dim.
+U value head dim.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mimo_jax.ops.attention.reference import attention_mask, masked_attention
 class LayerCache:
     """One attention layer's cache (or a scanned run's, with a leading [L] axis on every leaf).
 
-    keys: [B, S, K, H]; values: [B, S, K, V]; positions: [B, S] int32, -1 for an empty slot.
+    keys: [B, S, K, H]; values: [B, S, K, U]; positions: [B, S] int32, -1 for an empty slot.
     """
 
     keys: jax.Array
@@ -52,11 +52,11 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
 
     Args:
       cache: the layer's `LayerCache` (no leading layer axis).
-      q: [B, T, N, H], k: [B, T, K, H], v: [B, T, K, V] of the new tokens.
+      q: [B, T, N, H], k: [B, T, K, H], v: [B, T, K, U] of the new tokens.
       positions: [B, T] int32 absolute positions, -1 for padding; a row's valid positions are
         distinct (a chunk is a run of consecutive positions).
       window: keys a query sees, itself included (None = all earlier keys); sinks: [N] or None.
-    Returns the attended values [B, T, N, V] float32 and the updated cache.
+    Returns the attended values [B, T, N, U] float32 and the updated cache.
     """
     valid = positions >= 0
     if window is None:

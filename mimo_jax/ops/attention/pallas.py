@@ -6,7 +6,7 @@ two kernel families behind one `jax.custom_vjp`:
   pallas_gpu.py  Triton kernels for GPU (one program per block, loops over the window's blocks).
 pallas_common.py holds what both share: the block plan, the tile mask and the softmax tile math.
 
-Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, V value head dim.
+Legend: B batch, T length, N query heads, K KV heads, H q/k head dim, U value head dim.
 
 Forward: each query row's online softmax starts from its sink (running max m = sink, running sum
 l = 1, the sink's own exp) and never adds a value for it; the kernel also writes the row's
@@ -43,10 +43,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Arra
                     window: int | None = None, segment_ids: jax.Array | None = None,
                     backend: str | None = None, interpret: bool | None = None,
                     block_q: int | None = None, block_k: int | None = None) -> jax.Array:
-    """Causal flash attention. Returns [B, T, N, V] in q's dtype.
+    """Causal flash attention. Returns [B, T, N, U] in q's dtype.
 
     Args:
-      q: [B, T, N, H]. k: [B, T, K, H]. v: [B, T, K, V]; N % K == 0. bf16 or f32 (f32 accumulation).
+      q: [B, T, N, H]. k: [B, T, K, H]. v: [B, T, K, U]; N % K == 0. bf16 or f32 (f32 accumulation).
       sinks: [N] per-head sink logits, or None (the same as a sink of -inf).
       window: a query at i sees keys i-W+1..i (W keys, itself included); None = full causal.
       segment_ids: [B, T] int; 0 marks padding (such a row sees nothing and outputs zeros).
@@ -101,7 +101,7 @@ def _flash_fwd(q, k, v, sinks, segment_ids, static: _Static):
 def _flash_bwd(static: _Static, residuals, dout):
     q, k, v, sinks, segment_ids, out, lse = residuals
     # delta_i = dO_i . O_i: the softmax backward's row term, [B, N, T].
-    delta = jnp.einsum("btnv,btnv->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("btnu,btnu->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     dq, dk, dv = _module(static).backward(q, k, v, segment_ids, lse, delta, dout,
                                           _kernel_plans(static), interpret=static.interpret)
     sink_weight = jnp.exp(sinks[None, :, None] - lse)  # the sink's softmax weight per row

@@ -1,7 +1,7 @@
 """What the TPU and GPU flash-attention kernels share: the block plan, the tile mask, the tile math.
 
 Legend: B batch, T query/key length, N query heads, K KV heads, G = N // K, H q/k head dim,
-V value head dim; bq/bk query/key block lengths; i a query block index, j a key block index.
+U value head dim; bq/bk query/key block lengths; i a query block index, j a key block index.
 
 Everything here is written on values (never on refs), so the same code runs inside a Mosaic (TPU)
 kernel, a Triton (GPU) kernel and the Pallas interpreter. Scalar helpers accept Python ints (for the

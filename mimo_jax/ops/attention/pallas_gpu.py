@@ -1,7 +1,7 @@
 """Flash attention kernels for GPU (Pallas on Triton): forward, dq and dk/dv over the window only.
 
 Legend: B batch, T length (padded to Tp), N query heads, K KV heads, G = N // K, H q/k head dim,
-V value head dim; bq/bk query/key block lengths.
+U value head dim; bq/bk query/key block lengths.
 
 Layout: the caller's own [B, Tp, heads, D]; a Triton program addresses rows by strides, so nothing
 is transposed. Each program owns one query block (forward, dq) or one key block (dk/dv) and loops
@@ -131,9 +131,9 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
 
 
 def forward(q, k, v, sinks, segments, plans, *, interpret: bool):
-    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, V], sinks [N] f32, segments [B, T] or None.
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None.
 
-    Returns out [B, T, N, V] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
+    Returns out [B, T, N, U] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
     """
     plan = plans[0]
     b, t, n, h = q.shape
@@ -254,7 +254,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
 def backward(q, k, v, segments, lse, delta, dout, plans, *, interpret: bool):
     """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
 
-    Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, V] in the inputs' dtypes.
+    Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, U] in the inputs' dtypes.
     """
     plan = plans[1]
     b, t, n, h = q.shape
@@ -305,7 +305,7 @@ def backward(q, k, v, segments, lse, delta, dout, plans, *, interpret: bool):
                    pl.BlockSpec((None, bk, None, vdp), k_rows)],
         out_shape=[jax.ShapeDtypeStruct(kp.shape, k.dtype),
                    jax.ShapeDtypeStruct(vp.shape, v.dtype)],
-        # dk and dv accumulate [bk, H + V] in f32 registers: 8 warps keep that under ~100 a thread.
+        # dk and dv accumulate [bk, H + U] in f32 registers: 8 warps keep that under ~100 a thread.
         compiler_params=_params(num_warps=8, num_stages=2),
         interpret=interpret,
         name="swa_flash_dkv",

@@ -1,7 +1,7 @@
 """Flash attention kernels for TPU (Mosaic): forward, dq and dk/dv, block-sparse over the window.
 
 Legend: B batch, T length (padded to Tp), N query heads, K KV heads, G = N // K, H q/k head dim,
-V value head dim (both padded to Hp/Vp, multiples of 128 lanes); bq/bk query/key block lengths.
+U value head dim (both padded to Hp/Up, multiples of 128 lanes); bq/bk query/key block lengths.
 
 Layout: heads before time, [B, N, Tp, Hp], so every block is a (rows, 128k) tile. The sliding
 window is a grid axis of `kv_steps` (or `q_steps`) entries whose index maps point at the key (query)
@@ -198,9 +198,9 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
 
 
 def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
-    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, V], sinks [N] f32, segments [B, T] or None.
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None.
 
-    Returns out [B, T, N, V] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
+    Returns out [B, T, N, U] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
     """
     b, t, n, h = q.shape
     num_kv, v_dim = k.shape[2], v.shape[3]
@@ -340,7 +340,7 @@ def _backward_specs(maps, group: int, bq: int, bk: int, hp: int, vp: int) -> lis
 def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret: bool):
     """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
 
-    Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, V] in the inputs' dtypes.
+    Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, U] in the inputs' dtypes.
     """
     b, t, n, h = q.shape
     num_kv, v_dim = k.shape[2], v.shape[3]

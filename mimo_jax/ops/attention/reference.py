@@ -5,7 +5,7 @@ Also the building blocks the others reuse: `attention_mask` (which keys a query 
 context-parallel global layers and the KV-cache attention.
 
 Legend: B batch, T query length, S key length, N query heads, K KV heads, G = N // K,
-H q/k head dim, V value head dim.
+H q/k head dim, U value head dim.
 
 Sink semantics: a per-head logit `sink[n]` joins every row's softmax as an extra column that carries
 no value, so the weights over real keys sum to less than one:
@@ -55,8 +55,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     """Softmax attention (with sinks) under an explicit mask, in f32. The building block.
 
     Args:
-      q: [B, T, N, H]. k: [B, S, K, H]. v: [B, S, K, V]. mask: [B, T, S] bool. sinks: [N] or None.
-    Returns [B, T, N, V] float32. Rows with nothing visible return zeros.
+      q: [B, T, N, H]. k: [B, S, K, H]. v: [B, S, K, U]. mask: [B, T, S] bool. sinks: [N] or None.
+    Returns [B, T, N, U] float32. Rows with nothing visible return zeros.
     """
     b, t, n, h = q.shape
     num_kv = k.shape[2]
@@ -73,7 +73,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     denom = jnp.sum(probs, axis=-1)
     if sinks is not None:
         denom = denom + jnp.exp(sink - row_max)
-    out = jnp.einsum("bkgts,bskv->btkgv", probs, v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bsku->btkgu", probs, v.astype(jnp.float32))
     denom = jnp.moveaxis(denom, -1, 1)[..., None]  # [B, T, K, G, 1]
     out = out / jnp.where(denom > 0, denom, 1.0)
     return out.reshape(b, t, n, v.shape[-1])

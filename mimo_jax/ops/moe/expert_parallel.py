@@ -7,14 +7,14 @@ axes that split the experts) and its own tokens. Per shard:
   2. exchange per-expert counts with `all_to_all`; each receiver lays out what it will get grouped
      by its local expert, then by source shard, so every local expert's rows are contiguous;
   3. send the copies with `ragged_all_to_all` (slice e of the sorted copies goes to shard
-     e // (E/P), at the offset the receiver chose) into a receive buffer of C rows;
+     e // (E/P), at the offset the receiver chose) into a receive buffer of R rows;
   4. run the local experts with grouped matmuls (`ragged_dot`) over the buffer;
   5. send the results back the same way (`ragged_all_to_all` with the offsets swapped), unsort,
      weight by the gates and sum the k copies of each token.
 
-Receive buffer: C = ceil(capacity_factor * T * k) rows (the expected copies per shard when the
+Receive buffer: R = ceil(capacity_factor * T * k) rows (the expected copies per shard when the
 load is balanced); a copy past the buffer is dropped (its contribution is zero). Capacity factor 0
-means dropless: C = P * T * min(k, E/P), the most copies that can land on one shard.
+means dropless: R = P * T * min(k, E/P), the most copies that can land on one shard.
 
 Transport: `ragged_all_to_all` on TPU and GPU. XLA:CPU has no ragged all-to-all, so "all_to_all"
 runs the same exchange as a padded dense `all_to_all` plus a scatter, with the identical contract
@@ -26,7 +26,7 @@ over axes that do not split the tokens (tensor parallelism) stays split and the 
 are summed with `psum`.
 
 Legend: B batch, T length (per shard inside the map), D model dim, E experts, k experts per token,
-F expert ffn dim, P expert shards, C receive-buffer rows.
+F expert ffn dim, P expert shards, R receive-buffer rows.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
 
 def receive_capacity(tokens: int, top_k: int, num_shards: int, experts_per_shard: int,
                      capacity_factor: float) -> int:
-    """Rows C of one shard's receive buffer for `tokens` local tokens (see the module docstring)."""
+    """Rows R of one shard's receive buffer for `tokens` local tokens (see the module docstring)."""
     worst = num_shards * tokens * min(top_k, experts_per_shard)
     if capacity_factor == 0:
         return worst
@@ -165,7 +165,7 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     # 4. Local experts over contiguous groups; rows past the groups are zeroed.
     gate = jax.lax.ragged_dot(received, w_gate, group_sizes)
     up = jax.lax.ragged_dot(received, w_up, group_sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [C, D]
+    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [R, D]
     filled = jnp.arange(capacity) < jnp.sum(group_sizes)
     out = jnp.where(filled[:, None], out, jnp.zeros((), out.dtype))
 
