@@ -161,28 +161,35 @@ def _as_bool(value: Any, key: str) -> bool:
     fail(key, value, "must be true or false")
 
 
+def _from_text(value: Any, convert: Callable[[str], Any]) -> Any:
+    """`convert(value)` for a string that spells the number (as a command line gives it), else
+    None."""
+    if isinstance(value, str):
+        try:
+            return convert(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            pass
-    fail(key, value, "must be an integer")
+    parsed = _from_text(value, int)
+    if parsed is None:
+        fail(key, value, "must be an integer")
+    return parsed
 
 
 def _as_float(value: Any, key: str) -> float:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    fail(key, value, "must be a number")
+    parsed = _from_text(value, float)
+    if parsed is None:
+        fail(key, value, "must be a number")
+    return parsed
 
 
 def _as_str(value: Any, key: str) -> str:
