@@ -41,20 +41,25 @@ class SftRecords(TextDocuments):
     """Random-access (prompt, response) records, one per non-blank line of JSON-lines files.
 
     Every file must hold at least one record. A bad line raises `DataError` naming its file and
-    line number when it is read.
+    line number when it is read. A subclass reads other string fields by setting `FIELDS` (and
+    `KIND`, the files' name in messages).
     """
+
+    FIELDS: tuple[str, ...] = FIELDS
+    KIND = "SFT"
 
     def __init__(self, paths: Sequence[str | os.PathLike], name: str = ""):
         super().__init__(paths, unit="line", name=name)
         empty = sorted(set(range(len(self._paths))) - set(self._files.tolist()))
         if empty:
-            raise DataError(f"SFT file {self._paths[empty[0]]!r} holds no examples (it is empty)")
+            raise DataError(f"{self.KIND} file {self._paths[empty[0]]!r} holds no examples "
+                            "(it is empty)")
 
     def _where(self, index: int) -> str:
         path = self._paths[self._files[index]]
         with open(path, "rb") as f:
             line = f.read(int(self._offsets[index])).count(b"\n") + 1
-        return f"SFT file {path!r} line {line}"
+        return f"{self.KIND} file {path!r} line {line}"
 
     def __getitem__(self, index: int) -> dict[str, str]:
         raw = self._read(index)
@@ -64,14 +69,14 @@ class SftRecords(TextDocuments):
             raise DataError(f"{self._where(index)} is not JSON: {err}") from err
         if not isinstance(record, dict):
             raise DataError(f"{self._where(index)} is a JSON {type(record).__name__}, not an "
-                            f"object with fields {FIELDS}")
-        for field in FIELDS:
+                            f"object with fields {self.FIELDS}")
+        for field in self.FIELDS:
             if field not in record:
                 raise DataError(f"{self._where(index)} has no field {field!r}")
             if not isinstance(record[field], str):
                 raise DataError(f"{self._where(index)}: field {field!r} is "
                                 f"{type(record[field]).__name__}, not a string")
-        return {field: record[field] for field in FIELDS}
+        return {field: record[field] for field in self.FIELDS}
 
 
 def open_sft_records(pattern: str) -> SftRecords:
