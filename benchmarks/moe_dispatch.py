@@ -22,7 +22,7 @@ import sys
 import time
 
 
-def _inputs(jax, jnp, tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> tuple:
+def _inputs(jnp, tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> tuple:
     """Random tokens, routing and expert weights (fixed seed); the routing is the model's own."""
     import numpy as np  # pylint: disable=import-outside-toplevel
 
@@ -72,7 +72,7 @@ def shape_rows(impls: list[str], tokens: int, dim: int, ffn: int, experts: int, 
                                                     formulation="loop"),
                   "blocked-batched": functools.partial(moe_blocked.blocked_dispatch,
                                                        formulation="batched")}
-    x, weights, indices, experts_weights, projection = _inputs(jax, jnp, tokens, dim, ffn,
+    x, weights, indices, experts_weights, projection = _inputs(jnp, tokens, dim, ffn,
                                                                experts, top_k)
     args = (x, weights, indices, experts_weights)
     programs = {name: _programs(jax, jnp, dispatches[name], projection) for name in impls}
@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--shapes", default="16x4,32x8", help="comma-separated ExK pairs")
     parser.add_argument("--impls", default="dense,ragged,blocked",
                         help="from dense, ragged, blocked, blocked-loop, blocked-batched")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu", "tpu"))
     args = parser.parse_args(argv)
     os.environ["JAX_PLATFORMS"] = args.backend

@@ -92,7 +92,7 @@ def reference_config(args: argparse.Namespace) -> MiMoV2FlashConfig:
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=1,
         head_dim=96, v_head_dim=64, moe_intermediate_size=256, n_routed_experts=args.experts,
         num_experts_per_tok=args.top_k, sliding_window=129)
-    config._attn_implementation = "eager"  # the sink-aware attention
+    config._attn_implementation = "eager"  # pylint: disable=protected-access  (sink-aware)
     return config
 
 
@@ -307,8 +307,9 @@ def print_table(sides: Sides, rows: list[Row], peaks: dict[str, float]) -> None:
           f"{args.prompt_len} tokens, {args.new_tokens} new tokens; median of {args.repeats}")
     print(f"project: jax {jax.__version__} on {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}), moe_impl={_runtime(config, 'moe_impl')}, "
-          f"attention_impl={_runtime(config, 'attention_impl')}; transformers eager on {sides.device} "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+          f"attention_impl={_runtime(config, 'attention_impl')}; "
+          f"transformers eager on {sides.device} (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
     print("peaks: " + ", ".join(f"{name} {peak:.3f} TFLOP/s" for name, peak in peaks.items()))
     print()
     print("| measure | this project | transformers eager | ratio | notes |")

@@ -51,7 +51,8 @@ class BlockLayout(NamedTuple):
 
 
 def default_block_rows(num_copies: int, num_experts: int) -> int:
-    """Rows per block: the power of two nearest the mean copies per expert, in [1, 256].
+    """Rows per block: the largest power of two not above the mean copies per expert, in
+    [1, MAX_BLOCK_ROWS].
 
     Small batches (decoding) get small blocks, so the blocks read little more than the chosen
     experts' weights; large batches get GEMM-sized blocks.
@@ -108,16 +109,19 @@ def _take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def tokens_to_slots(x: jax.Array, copy_of_slot: jax.Array, slot_of_copy: jax.Array,
                     top_k: int) -> jax.Array:
-    """x [T, D] -> [J*I, D]: each slot holds its copy's token (zeros in padding slots)."""
+    """x [T, D] -> [J*I, D]: each slot holds its copy's token (zeros in padding slots).
+
+    `slot_of_copy` (the inverse map) is for the backward pass, which reads instead of scatters.
+    """
+    del slot_of_copy
     return _take_rows(x, copy_of_slot // top_k)
 
 
 def _tokens_to_slots_fwd(x, copy_of_slot, slot_of_copy, top_k):
-    return tokens_to_slots(x, copy_of_slot, slot_of_copy, top_k), (slot_of_copy, copy_of_slot)
+    return tokens_to_slots(x, copy_of_slot, slot_of_copy, top_k), slot_of_copy
 
 
-def _tokens_to_slots_bwd(top_k, residuals, slots_grad):
-    slot_of_copy, copy_of_slot = residuals
+def _tokens_to_slots_bwd(top_k, slot_of_copy, slots_grad):
     per_copy = jnp.take(slots_grad, slot_of_copy, axis=0)  # [T*k, D]
     x_grad = jnp.sum(per_copy.reshape(-1, top_k, per_copy.shape[-1]), axis=1)
     return x_grad, None, None
@@ -129,7 +133,11 @@ tokens_to_slots.defvjp(_tokens_to_slots_fwd, _tokens_to_slots_bwd)
 @jax.custom_vjp
 def slots_to_copies(slot_rows: jax.Array, slot_of_copy: jax.Array,
                     copy_of_slot: jax.Array) -> jax.Array:
-    """[J*I, D] -> [T*k, D]: each copy reads its slot's row (padding slots are never read)."""
+    """[J*I, D] -> [T*k, D]: each copy reads its slot's row (padding slots are never read).
+
+    `copy_of_slot` (the inverse map) is for the backward pass, which reads instead of scatters.
+    """
+    del copy_of_slot
     return jnp.take(slot_rows, slot_of_copy, axis=0)
 
 
@@ -170,6 +178,8 @@ def experts_batched(x_blocks: jax.Array, layout: BlockLayout, w_gate: jax.Array,
                     w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """SwiGLU experts as one batched matmul over all J blocks (the accelerator formulation).
 
+    Each block gets its own copy of its expert's weights ([J, D, F] per matrix), which is cheap
+    for small experts and for decoding (J near k) but grows with T*k / I for large ones.
     x_blocks: [J, I, D]. Returns [J, I, D] float32 (zeros in padding rows).
     """
     gate = jnp.einsum("jid,jdf->jif", x_blocks, expert_blocks(w_gate, layout.block_expert))
