@@ -15,18 +15,24 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import pathlib
 import statistics
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402  (after the repository is on the path)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mimo_jax.ops import moe  # noqa: E402
+from mimo_jax.ops.moe import blocked as moe_blocked  # noqa: E402
+
 
 def _inputs(jnp, tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> tuple:
     """Random tokens, routing and expert weights (fixed seed); the routing is the model's own."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mimo_jax.ops import moe  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(tokens, dim)), jnp.float32)
@@ -60,11 +66,7 @@ def _timed(jax, fn, args) -> float:
 def shape_rows(impls: list[str], tokens: int, dim: int, ffn: int, experts: int, top_k: int,
                repeats: int) -> list[str]:
     """Markdown rows for one shape, one row per implementation."""
-    import jax  # pylint: disable=import-outside-toplevel
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from mimo_jax.ops import moe, moe_blocked  # pylint: disable=import-outside-toplevel
 
     dispatches = {"dense": moe.dense_dispatch, "ragged": moe.ragged_dispatch,
                   "blocked": moe_blocked.blocked_dispatch,
@@ -112,7 +114,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="cpu", choices=("cpu", "gpu", "tpu"))
     args = parser.parse_args(argv)
-    os.environ["JAX_PLATFORMS"] = args.backend
+    jax.config.update("jax_platforms", args.backend)
     impls = args.impls.split(",")
     known = ("dense", "ragged", "blocked", "blocked-loop", "blocked-batched")
     unknown = [name for name in impls if name not in known]
@@ -125,7 +127,6 @@ def main(argv: list[str]) -> None:
             parser.error(f"--shapes: {pair!r} is not ExK with 1 <= K <= E")
         shapes.append((int(experts), int(top_k)))
 
-    import jax  # pylint: disable=import-outside-toplevel
 
     print(f"T={args.tokens} D={args.dim} F={args.ffn}, float32, backend "
           f"{jax.default_backend()} ({jax.devices()[0].device_kind}), median of {args.repeats}")
@@ -139,5 +140,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     main(sys.argv[1:])

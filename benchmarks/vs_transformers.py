@@ -51,7 +51,7 @@ from transformers import MiMoV2FlashConfig, MiMoV2FlashForCausalLM  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from mimo_jax.convert import hf  # noqa: E402
-from mimo_jax.inference.generate import generate  # noqa: E402  (the project's decoding)
+from mimo_jax.inference.generation import generate  # noqa: E402
 from mimo_jax.inference.sampling import SamplingConfig  # noqa: E402
 from mimo_jax.train import partition  # noqa: E402
 from mimo_jax.train.flops import flops_per_token  # noqa: E402

@@ -32,7 +32,7 @@ DENSE = "dense"
 MOE = "moe"
 
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "pallas")
-MOE_IMPLS = ("dense", "ragged", "expert_parallel")
+MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 

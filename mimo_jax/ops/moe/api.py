@@ -4,6 +4,8 @@ Every backend runs the routed experts on the same inputs and returns the same re
   dense            every expert on every token, combined by gate weight (`dense.py`): E/k times
                    the FLOPs but plain einsums; the obviously-correct twin.
   ragged           dropless sorted dispatch with grouped matmuls (`ragged.py`).
+  blocked          dropless: the routed copies only, sorted into fixed-size blocks of one expert
+                   each, with dense matmuls per block (`blocked.py`); fast on every backend.
   expert_parallel  the experts split over mesh axes, token copies exchanged with all-to-all
                    (`expert_parallel.py`); without a mesh that splits the experts it is the
                    ragged dispatch.
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mimo_jax.ops.moe import expert_parallel
+from mimo_jax.ops.moe.blocked import blocked_dispatch
 from mimo_jax.ops.moe.dense import dense_dispatch
 from mimo_jax.ops.moe.ragged import ragged_dispatch
 
@@ -45,6 +48,12 @@ def _ragged(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes,
     return _on_flat_tokens(ragged_dispatch, x, weights, indices, w_gate, w_up, w_down, token_mask)
 
 
+def _blocked(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options):
+    del mesh_axes, options  # all experts on one device
+    return _on_flat_tokens(blocked_dispatch, x, weights, indices, w_gate, w_up, w_down,
+                           token_mask)
+
+
 def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes,
                      options):
     if x.ndim != 3:
@@ -62,6 +71,7 @@ def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, m
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dense": _dense,
     "ragged": _ragged,
+    "blocked": _blocked,
     "expert_parallel": _expert_parallel,
 }
 IMPLS = tuple(IMPLEMENTATIONS)

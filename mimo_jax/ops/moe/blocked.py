@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mimo_jax.ops.moe import sort_by_expert
+from mimo_jax.ops.moe.ragged import sort_by_expert
 
 # Rows per block for large batches: big enough for efficient GEMMs, small enough that the padding
 # (at most I - 1 rows per used expert) stays a small share of T*k.

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mimo_jax.ops import moe as moe_ops
-from mimo_jax.ops import moe_blocked
+from mimo_jax.ops.moe import blocked as moe_blocked
 
 DIM, FFN = 16, 12
 TOL = 1e-5
