@@ -3,7 +3,7 @@
 A batch of prompts is right-padded into [B, T] with `lengths` [B]; row b's token at column j sits at
 position j, and every row then advances on its own (its frontier `n[b]` is the position of its
 newest token). Positions -1 mark padding everywhere: padding is neither attended to nor cached.
-Legend: B batch, T length, C chunk length, D model dim, V vocab.
+Legend: B batch, T length, C chunk length, D model dim, V vocab, L MoE layers, k experts per token.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from mimo_jax.model.transformer import MiMoV2Flash
 
 
 def model_decode(model: MiMoV2Flash, params: Any, tokens: jax.Array, positions: jax.Array,
-                 cache: dict) -> tuple[jax.Array, dict]:
-    """The main model over a chunk with its decoder cache: (hidden [B, C, D], new cache)."""
-    return model.apply({"params": params}, tokens, positions, cache, method=MiMoV2Flash.decode)
+                 cache: dict, return_routing: bool = False):
+    """The main model over a chunk with its decoder cache: (hidden [B, C, D], new cache), and
+    with `return_routing` the experts each token ran, [B, C, L, k] int32 (-1 on padding)."""
+    return model.apply({"params": params}, tokens, positions, cache, return_routing,
+                       method=MiMoV2Flash.decode)
 
 
 def logits(model: MiMoV2Flash, params: Any, hidden: jax.Array) -> jax.Array:
@@ -75,9 +77,9 @@ def gather_rows(x: jax.Array, starts: jax.Array, length: int) -> jax.Array:
 def write_rows(x: jax.Array, starts: jax.Array, values: jax.Array, count: jax.Array) -> jax.Array:
     """x[b, starts[b] + i] = values[b, i] for i < count[b]; writes past the end are dropped.
 
-    x: [B, T]; starts, count: [B]; values: [B, C].
+    x: [B, T, ...]; starts, count: [B]; values: [B, C, ...].
     """
-    b, c = values.shape
+    b, c = values.shape[:2]
     index = starts[:, None] + jnp.arange(c)
     index = jnp.where(jnp.arange(c) < count[:, None], index, x.shape[1])
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, c))
@@ -98,7 +100,8 @@ def check_prompts(tokens: jax.Array, lengths: jax.Array) -> None:
 
 def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Array,
             cache: dict, *, chunk_size: int, mtp_heads: int = 0,
-            keep_hidden: bool = False) -> tuple[jax.Array, jax.Array | None, dict]:
+            keep_hidden: bool = False, keep_routing: bool = False
+            ) -> tuple[jax.Array, jax.Array | None, dict, jax.Array | None]:
     """Runs the prompts through the model in chunks, filling the cache.
 
     Args:
@@ -109,8 +112,9 @@ def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Arr
         j < length - mtp_heads, the ones whose inputs are all prompt tokens (speculative decoding
         computes the last ones itself, see `speculative.py`).
       keep_hidden: also return the main model's hidden states.
+      keep_routing: also return the experts each prompt token ran.
     Returns the logits at each row's last prompt token [B, V] float32, the hidden states
-    [B, T, D] (or None) and the cache.
+    [B, T, D] (or None), the cache, and the routing [B, T, L, k] int32 (-1 on padding; or None).
     """
     b, t = tokens.shape
     chunk = min(chunk_size, t)
@@ -121,16 +125,21 @@ def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Arr
     cfg = model.config
     dtype = jnp.dtype(cfg.runtime.dtype)
     hidden_all = jnp.zeros((b, padded, cfg.hidden_size), dtype) if keep_hidden else None
+    routing_all = (jnp.full((b, padded, len(cfg.moe_layers), cfg.num_experts_per_token), -1,
+                            jnp.int32) if keep_routing else None)
     last_hidden = jnp.zeros((b, cfg.hidden_size), dtype)
 
     def body(c, carry):
-        cache, last_hidden, hidden_all = carry
+        cache, last_hidden, hidden_all, routing_all = carry
         start = c * chunk
         columns = start + jnp.arange(chunk)
         positions = jnp.where(columns[None] < lengths[:, None], columns[None], -1)
         chunk_tokens = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-        hidden, decoder_cache = model_decode(model, params, chunk_tokens, positions,
-                                             cache["decoder"])
+        hidden, decoder_cache, *routing = model_decode(model, params, chunk_tokens, positions,
+                                                       cache["decoder"], keep_routing)
+        if keep_routing:
+            routing_all = jax.lax.dynamic_update_slice_in_dim(routing_all, routing[0], start,
+                                                              axis=1)
         last = lengths - 1 - start
         in_chunk = (last >= 0) & (last < chunk)
         row = jnp.take_along_axis(hidden, jnp.clip(last, 0, chunk - 1)[:, None, None], axis=1)
@@ -146,9 +155,10 @@ def prefill(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Arr
         if keep_hidden:
             hidden_all = jax.lax.dynamic_update_slice_in_dim(
                 hidden_all, hidden.astype(hidden_all.dtype), start, axis=1)
-        return {"decoder": decoder_cache, "mtp": mtp_caches}, last_hidden, hidden_all
+        return {"decoder": decoder_cache, "mtp": mtp_caches}, last_hidden, hidden_all, routing_all
 
-    cache, last_hidden, hidden_all = jax.lax.fori_loop(
-        0, num_chunks, body, (cache, last_hidden, hidden_all))
+    cache, last_hidden, hidden_all, routing_all = jax.lax.fori_loop(
+        0, num_chunks, body, (cache, last_hidden, hidden_all, routing_all))
     last_logits = logits(model, params, last_hidden[:, None])[:, 0]
-    return last_logits, (hidden_all[:, :t] if keep_hidden else None), cache
+    return (last_logits, (hidden_all[:, :t] if keep_hidden else None), cache,
+            (routing_all[:, :t] if keep_routing else None))

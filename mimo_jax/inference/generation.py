@@ -2,8 +2,11 @@
 `jax.lax.while_loop`, so that a whole generation is one compiled program.
 
 Rows finish on their own (a stop token, or `max_new_tokens`); finished rows stop writing to the
-cache and the loop ends when every row has finished.
-Legend: B batch, T prompt length, S buffer length (T + max_new_tokens [+ look-ahead]), V vocab.
+cache and the loop ends when every row has finished. On request a generation also records what
+on-policy training needs: the log-probability of each sampled token under the distribution it was
+drawn from, and the experts every token ran (for Rollout Routing Replay).
+Legend: B batch, T prompt length, S buffer length (T + max_new_tokens [+ look-ahead]), V vocab,
+L MoE layers, k experts per token.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 from mimo_jax.config import ModelConfig
 from mimo_jax.inference import cache as kv_cache
 from mimo_jax.inference import decode
-from mimo_jax.inference.sampling import SamplingConfig, sample
+from mimo_jax.inference.sampling import SamplingConfig, sample_with_log_prob
 from mimo_jax.model.transformer import MiMoV2Flash
 
 StreamFn = Callable[[Any, Any], None]
@@ -34,6 +37,12 @@ class Generation:
     steps: [B] main-model decode passes after the prefill (verification passes when speculative).
     committed: [B] tokens those passes produced before stop/length truncation; committed / steps
       is the mean acceptance length (1 for plain decoding, up to k + 1 with k drafts).
+    logprobs: [B, S] float32 (`return_logprobs`, else None): log mu(token), the log-probability
+      of each generated token under the distribution it was sampled from (after temperature,
+      top-k and top-p; 0 = log 1 when greedy); 0 on prompt and padding positions.
+    routing: [B, S, L, k] int32 (`return_routing`, else None): the experts each token ran in each
+      MoE layer, prompt and generated tokens alike; -1 on padding and on each row's last token,
+      which no forward pass ran (its experts reach no later token's log-prob).
     """
 
     tokens: jax.Array
@@ -42,6 +51,8 @@ class Generation:
     num_generated: jax.Array
     steps: jax.Array
     committed: jax.Array
+    logprobs: jax.Array | None = None
+    routing: jax.Array | None = None
 
     def acceptance_length(self) -> float:
         """Mean tokens per main-model decode pass over the whole batch."""
@@ -96,6 +107,8 @@ class _State:
     steps: jax.Array  # [B]
     cache: dict
     rng: jax.Array
+    log_probs: jax.Array | None  # [B, S] or None
+    routing: jax.Array | None  # [B, S, L, k] or None
 
 
 def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
@@ -104,60 +117,79 @@ def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
     """Samples each row's first token from the prefill logits and writes it after the prompt.
 
     prompts: [B, T] right-padded; lengths: [B]; last_logits: [B, V]. Returns the token buffer
-    [B, buffer_length], tokens committed per row [B], rows done [B] and the remaining rng.
+    [B, buffer_length], the log-prob buffer [B, buffer_length] (the first token's log mu, 0
+    elsewhere; unused work compiles away), tokens committed per row [B], rows done [B] and the
+    remaining rng.
     """
     b, t = prompts.shape
     rng, first_rng = jax.random.split(rng)
-    first = sample(first_rng, last_logits, sampling)[:, None]
+    first, first_log_prob = sample_with_log_prob(first_rng, last_logits, sampling)
+    first = first[:, None]
     count, done = commit_count(first, jnp.ones((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                                jnp.zeros((b,), bool), max_new_tokens=max_new_tokens,
                                stop_tokens=stop_tokens)
     stream_step(stream, first, count)
     buffer = jnp.pad(prompts.astype(jnp.int32), ((0, 0), (0, buffer_length - t)))
-    return decode.write_rows(buffer, lengths, first, count), count, done, rng
+    log_probs = decode.write_rows(jnp.zeros((b, buffer_length), jnp.float32), lengths,
+                                  first_log_prob[:, None], count)
+    return decode.write_rows(buffer, lengths, first, count), log_probs, count, done, rng
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling",
-                                             "prefill_chunk", "unstack_layers", "stream"))
+                                             "prefill_chunk", "unstack_layers", "stream",
+                                             "return_logprobs", "return_routing"))
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
               prefill_chunk: int, unstack_layers: bool | None,
-              stream: StreamFn | None) -> Generation:
+              stream: StreamFn | None, return_logprobs: bool,
+              return_routing: bool) -> Generation:
     config, params = decode.loop_layout(config, params, unstack_layers)
     model = MiMoV2Flash(config)
     b, t = prompts.shape
     total = t + max_new_tokens
     cache = kv_cache.init_cache(config, b, total, num_mtp_heads=0)
-    last_logits, _, cache = decode.prefill(model, params, prompts, lengths, cache,
-                                           chunk_size=prefill_chunk)
-    buffer, count, done, rng = start_generation(
+    last_logits, _, cache, routing = decode.prefill(model, params, prompts, lengths, cache,
+                                                    chunk_size=prefill_chunk,
+                                                    keep_routing=return_routing)
+    buffer, log_probs, count, done, rng = start_generation(
         rng, last_logits, prompts, lengths, total, sampling, max_new_tokens=max_new_tokens,
         stop_tokens=stops, stream=stream)
+    if return_routing:
+        routing = jnp.pad(routing, ((0, 0), (0, total - t), (0, 0), (0, 0)), constant_values=-1)
     zeros = jnp.zeros((b,), jnp.int32)
     state = _State(tokens=buffer, frontier=lengths - 1 + count, done=done, steps=zeros,
-                   cache=cache, rng=rng)
+                   cache=cache, rng=rng, log_probs=log_probs if return_logprobs else None,
+                   routing=routing)
 
     def step(state: _State) -> _State:
         rng, step_rng = jax.random.split(state.rng)
         current = decode.gather_rows(state.tokens, state.frontier, 1)
         positions = jnp.where(state.done, -1, state.frontier)[:, None]
-        hidden, decoder_cache = decode.model_decode(model, params, current, positions,
-                                                    state.cache["decoder"])
+        hidden, decoder_cache, *step_routing = decode.model_decode(
+            model, params, current, positions, state.cache["decoder"], return_routing)
         logits = decode.logits(model, params, hidden)
-        new = sample(step_rng, logits[:, 0], sampling)[:, None]
+        new, new_log_prob = sample_with_log_prob(step_rng, logits[:, 0], sampling)
+        new, new_log_prob = new[:, None], new_log_prob[:, None]
         active = ~state.done
         count, done = commit_count(new, jnp.ones((b,), jnp.int32), state.frontier + 1 - lengths,
                                    state.done, max_new_tokens=max_new_tokens, stop_tokens=stops)
         stream_step(stream, new, count)
+        log_probs, routing = state.log_probs, state.routing
+        if return_logprobs:
+            log_probs = decode.write_rows(log_probs, state.frontier + 1, new_log_prob, count)
+        if return_routing:  # the experts of the token this step ran, at its own position
+            routing = decode.write_rows(routing, state.frontier, step_routing[0],
+                                        active.astype(jnp.int32))
         return _State(tokens=decode.write_rows(state.tokens, state.frontier + 1, new, count),
                       frontier=state.frontier + count, done=done, steps=state.steps + active,
-                      cache={"decoder": decoder_cache, "mtp": state.cache["mtp"]}, rng=rng)
+                      cache={"decoder": decoder_cache, "mtp": state.cache["mtp"]}, rng=rng,
+                      log_probs=log_probs, routing=routing)
 
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), step, state)
     return Generation(tokens=state.tokens, lengths=state.frontier + 1, prompt_lengths=lengths,
                       num_generated=state.frontier + 1 - lengths, steps=state.steps,
-                      committed=state.steps)
+                      committed=state.steps, logprobs=state.log_probs, routing=state.routing)
 
 
 def check_generation_args(config: ModelConfig, prompts: jax.Array, lengths: jax.Array,
@@ -177,7 +209,8 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
              rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
              prefill_chunk: int = 256, unstack_layers: bool | None = None,
-             stream: StreamFn | None = None) -> Generation:
+             stream: StreamFn | None = None, return_logprobs: bool = False,
+             return_routing: bool = False) -> Generation:
     """Generates up to `max_new_tokens` tokens after each prompt with the KV cache.
 
     Args:
@@ -190,10 +223,13 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
         faster; see `decode.loop_layout`). The tokens are the same either way.
       stream: optional host callback `stream(tokens [B, C], counts [B])` called after every step
         with the tokens each row kept (numpy arrays); it must be hashable (a plain function).
+      return_logprobs: record each generated token's sampling log-prob (`Generation.logprobs`).
+      return_routing: record the experts every token ran (`Generation.routing`).
     """
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(params, prompts, lengths, rng, stop_array(stop_tokens), config=model.config,
                      max_new_tokens=max_new_tokens, sampling=sampling,
-                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream)
+                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream,
+                     return_logprobs=return_logprobs, return_routing=return_routing)

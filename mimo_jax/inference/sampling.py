@@ -67,9 +67,23 @@ def probabilities(logits: jax.Array, config: SamplingConfig) -> jax.Array:
 
 def sample(rng: jax.Array, logits: jax.Array, config: SamplingConfig) -> jax.Array:
     """One token per row of logits [..., V]. Returns [...] int32."""
+    return sample_with_log_prob(rng, logits, config)[0]  # the unused log-prob compiles away
+
+
+def sample_with_log_prob(rng: jax.Array, logits: jax.Array,
+                         config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """One token per row of logits [..., V] and its log-probability under the distribution it was
+    drawn from (after temperature, top-k and top-p; 0 = log 1 when greedy).
+
+    Returns (tokens [...] int32, log_probs [...] float32). The tokens are those of `sample`.
+    """
     if config.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, filter_logits(logits, config), axis=-1).astype(jnp.int32)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, jnp.zeros(tokens.shape, jnp.float32)
+    filtered = filter_logits(logits, config)
+    tokens = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(filtered, axis=-1)
+    return tokens, jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
 
 
 def sample_from_probs(rng: jax.Array, probs: jax.Array) -> jax.Array:

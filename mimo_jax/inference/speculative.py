@@ -134,10 +134,10 @@ def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Arra
     # Drafts are written up to k places past the newest token, and verification caches k keys.
     total = t + max_new_tokens + k + 1
     cache = kv_cache.init_cache(config, b, total, extra_slots=max(k - 1, 0), num_mtp_heads=k)
-    last_logits, hidden, cache = decode.prefill(model, params, prompts, lengths, cache,
-                                                chunk_size=prefill_chunk, mtp_heads=k,
-                                                keep_hidden=True)
-    buffer, count, done, rng = start_generation(
+    last_logits, hidden, cache, _ = decode.prefill(model, params, prompts, lengths, cache,
+                                                   chunk_size=prefill_chunk, mtp_heads=k,
+                                                   keep_hidden=True)
+    buffer, _, count, done, rng = start_generation(
         rng, last_logits, prompts, lengths, total, sampling, max_new_tokens=max_new_tokens,
         stop_tokens=stops, stream=stream)
     zeros = jnp.zeros((b,), jnp.int32)

@@ -36,14 +36,24 @@ class MoE(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, dict]:
-        """x: [B, T, D]; segment_ids: [B, T] (0 = padding).
+    def __call__(self, x: jax.Array, segment_ids: jax.Array,
+                 routing: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """x: [B, T, D]; segment_ids: [B, T] (0 = padding); routing: [B, T, k] int32 or None.
+
+        `routing` replays a recorded expert choice (Rollout Routing Replay): each token runs the
+        given experts, gated by their own sigmoid scores renormalised and scaled as the router
+        does, so the gradient reaches the router through the replayed experts' scores. A token
+        whose row holds a -1 keeps the router's choice. None = the router chooses.
 
         Returns y [B, T, D] and stats: `load` [E] (real token copies per expert) and
-        `balance_loss` [] (the sequence-wise balance loss, before its coefficient).
+        `balance_loss` [] (the sequence-wise balance loss, before its coefficient), both of the
+        router's own choice, which the correction bias and the balance loss steer whether or not
+        a routing is replayed; `indices` [B, T, k] int32 the experts each token ran and
+        `router_indices` [B, T, k] int32 the router's own choice (equal without replay), -1 on
+        padding.
         """
         b, t, d = x.shape
-        e, f = self.num_experts, self.intermediate_size
+        e, f, k = self.num_experts, self.intermediate_size, self.top_k
         init = normal_init(self.init_std)
         router = param_with_axes(self, "router", init, (d, e), ("embed", None), jnp.float32)
         bias = param_with_axes(self, CORRECTION_BIAS, nn.initializers.zeros, (e,), (None,),
@@ -58,8 +68,16 @@ class MoE(nn.Module):
         tokens = x.reshape(b * t, d)
         # The router runs in float32 whatever the compute dtype (as in the report).
         logits = jnp.einsum("td,de->te", tokens.astype(jnp.float32), router)
-        weights, indices, scores = moe_ops.route(
-            logits, bias, self.top_k, normalize=True, scaling=self.routed_scaling_factor)
+        weights, chosen, scores = moe_ops.route(
+            logits, bias, k, normalize=True, scaling=self.routed_scaling_factor)
+        indices = chosen
+        if routing is not None:
+            if routing.shape != (b, t, k):
+                raise ValueError(f"replayed routing must have shape {(b, t, k)} "
+                                 f"[batch, length, experts per token], got {routing.shape}")
+            indices = moe_ops.replayed_indices(routing.reshape(b * t, k), chosen)
+            weights = moe_ops.gate_weights(scores, indices, normalize=True,
+                                           scaling=self.routed_scaling_factor)
         y = moe_ops.dispatch(
             x.astype(self.dtype), weights.reshape(b, t, -1), indices.reshape(b, t, -1),
             w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
@@ -69,10 +87,12 @@ class MoE(nn.Module):
             mesh_axes=(nn.logical_to_mesh_axes(("batch", "length", "embed")),
                        nn.logical_to_mesh_axes(("experts", "embed", "mlp"))),
             options=self.expert_options)
+        real = (segment_ids > 0)[..., None]
         stats = {
-            "load": moe_ops.expert_load(indices, (segment_ids > 0).reshape(-1), e),
+            "load": moe_ops.expert_load(chosen, (segment_ids > 0).reshape(-1), e),
             "balance_loss": moe_ops.sequence_balance_loss(
-                scores.reshape(b, t, e), indices.reshape(b, t, self.top_k), segment_ids,
-                self.top_k),
+                scores.reshape(b, t, e), chosen.reshape(b, t, k), segment_ids, k),
+            "indices": jnp.where(real, indices.reshape(b, t, k), -1),
+            "router_indices": jnp.where(real, chosen.reshape(b, t, k), -1),
         }
         return y, stats

@@ -1,6 +1,7 @@
 """MiMo-V2-Flash: the decoder stack, its layer pattern, the LM head and the MTP heads.
 
-Legend: B batch, T length, D model dim, V vocab, E experts, L MoE layers, M MTP heads.
+Legend: B batch, T length, D model dim, V vocab, E experts, L MoE layers, k experts per token,
+M MTP heads.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ class ModelOutput:
       t + k + 2 of the same document.
     expert_load: [L, E] float32, real token copies routed to each expert in each MoE layer.
     balance_loss: [] float32, sum over MoE layers of the sequence-wise balance loss (no coefficient).
+      Load and balance loss count the router's own choice, replayed routing or not.
+    routing: [B, T, L, k] int32, the experts each token ran in each MoE layer (the replayed ones
+      under routing replay), -1 on padding.
+    router_choice: [B, T, L, k] int32, the router's own top-k (equal to `routing` without replay;
+      `mimo_jax.ops.moe.replay_mismatch` compares the two), -1 on padding.
     """
 
     logits: jax.Array
@@ -45,13 +51,16 @@ class ModelOutput:
     mtp_logits: jax.Array | None
     expert_load: jax.Array
     balance_loss: jax.Array
+    routing: jax.Array
+    router_choice: jax.Array
 
 
 @flax.struct.dataclass
 class LayerAux:
     """What a decoder layer returns beside its hidden state (a scan stacks it over the layers).
 
-    moe_stats: the MoE block's stats (`load` [E], `balance_loss` []), or {} for a dense layer.
+    moe_stats: the MoE block's stats (`load` [E], `balance_loss` [], `indices` and
+      `router_indices` [B, T, k]), or {} for a dense layer.
     cache: the layer's updated KV cache when decoding, else None.
     """
 
@@ -78,12 +87,13 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array,
-                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerAux]:
+                 segment_ids: jax.Array, cache: LayerCache | None = None,
+                 routing: jax.Array | None = None) -> tuple[jax.Array, LayerAux]:
         """x: [B, T, D] -> (x [B, T, D], `LayerAux`: MoE stats and the new cache).
 
         With a KV `cache` (decoding; positions -1 mark padding) attention runs over it and the
         extended cache comes back in the `LayerAux`; without one its cache is None.
+        routing: [B, T, k] int32 experts to replay in an MoE layer (see `MoE`), or None.
         """
         cfg, runtime = self.config, self.config.runtime
         dtype, param_dtype = dtype_of(runtime.dtype), dtype_of(cfg.param_dtype)
@@ -112,7 +122,7 @@ class DecoderLayer(nn.Module):
                                      capacity_factor=runtime.expert_capacity_factor,
                                      transport=runtime.expert_transport),
                                  dtype=dtype, param_dtype=param_dtype,
-                                 name="moe")(normed, segment_ids)
+                                 name="moe")(normed, segment_ids, routing)
         x = x + ffn_out.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x, LayerAux(moe_stats=stats, cache=cache)
@@ -144,32 +154,51 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array, cache: dict | None = None
+                 segment_ids: jax.Array, cache: dict | None = None,
+                 routing: jax.Array | None = None
                  ) -> tuple[jax.Array, list[dict], dict | None]:
         """x: [B, T, D] -> (x [B, T, D], per-MoE-layer stats in layer order, new cache or None).
 
         `cache` is the KV cache when decoding: a dict keyed by block name, scanned runs of several
         layers carrying a leading [run length] axis (see `mimo_jax.inference.cache`). Without one
         the third value is None.
+        `routing` [B, T, L, k] int32 replays an expert choice in the L MoE layers (in layer
+        order; a scanned run takes its slice of L as its stacked axis); None = the router
+        chooses. Not with a cache.
         """
         cfg = self.config
+        if routing is not None and cache is not None:
+            raise ValueError("routing replay is for the full forward, not for cached decoding")
         layer_cls = _layer_class(cfg)
         moe_stats = []
         new_cache = {}
         for r, run in enumerate(layout.layer_runs(cfg)):
+            # This run's share of the replayed routing: [B, T, run length, k], or None.
+            run_routing = None
+            if routing is not None and run.mlp_type == MOE:
+                run_routing = routing[:, :, len(moe_stats):len(moe_stats) + run.length]
             if cfg.scan_layers and (cache is None or run.length > 1):
                 cached = cache is not None
+                replay = run_routing is not None
+                name = layout.block_name(cfg, r, run.start)
+                # The cache is scanned over its run axis and the routing over its layer axis
+                # (moved first); replay never comes with a cache (checked above).
+                if cached:
+                    extra, extra_axes = (cache[name],), (0,)
+                elif replay:
+                    extra, extra_axes = (None, jnp.moveaxis(run_routing, 2, 0)), (nn.broadcast, 0)
+                else:
+                    extra, extra_axes = (), ()
                 # A decode step is a few tokens deep, so a rolled loop's per-layer dynamic slices
                 # of the stacked weights and caches (copies, every step) outweigh its arithmetic.
                 # Unrolled, tiny-config decoding on CPU runs 1.4x faster.
                 scanned = nn.scan(
                     layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast) + ((0,) if cached else ()),
+                    in_axes=(nn.broadcast, nn.broadcast) + extra_axes,
                     length=run.length, metadata_params={nn.PARTITION_NAME: "layers"},
                     unroll=run.length if cached else 1)
-                name = layout.block_name(cfg, r, run.start)
                 x, aux = scanned(cfg, run.layer_type, run.mlp_type, name=name)(
-                    x, positions, segment_ids, *((cache[name],) if cached else ()))
+                    x, positions, segment_ids, *extra)
                 if cached:
                     new_cache[name] = aux.cache
                 if run.mlp_type == MOE:
@@ -179,11 +208,11 @@ class Decoder(nn.Module):
                 # Decoding a scanned run of one layer (each global layer) without its scan keeps
                 # its cache out of the scan's stacked inputs and outputs (see `_first_of_run`).
                 cls = _first_of_run(layer_cls) if cfg.scan_layers else layer_cls
-                for i in run.layers:
+                for j, i in enumerate(run.layers):
                     name = layout.block_name(cfg, r, i)
                     x, aux = cls(cfg, run.layer_type, run.mlp_type, name=name)(
-                        x, positions, segment_ids,
-                        *((cache[name],) if cache is not None else ()))
+                        x, positions, segment_ids, cache[name] if cache is not None else None,
+                        run_routing[:, :, j] if run_routing is not None else None)
                     if cache is not None:
                         new_cache[name] = aux.cache
                     if run.mlp_type == MOE:
@@ -207,7 +236,8 @@ class MiMoV2Flash(nn.Module):
         self.mtp_heads = [MTPHead(cfg, name=f"mtp_{k}") for k in range(cfg.num_mtp_heads)]
 
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None, return_mtp: bool = False) -> ModelOutput:
+                 positions: jax.Array | None = None, return_mtp: bool = False,
+                 routing: jax.Array | None = None) -> ModelOutput:
         """Runs the model on a (possibly packed) batch.
 
         Args:
@@ -216,13 +246,23 @@ class MiMoV2Flash(nn.Module):
             one document per row.
           positions: [B, T] int32 per-document positions; None derives them from segment_ids.
           return_mtp: also run the MTP heads (their logits are in `mtp_logits`).
+          routing: [B, T, L, k] int32 expert choice to replay in the L MoE layers (Rollout
+            Routing Replay, e.g. a rollout's `routing`): each MoE layer runs these experts, gated
+            by their renormalised sigmoid scores, so gradients reach the router through the
+            replayed experts' scores; a token whose row holds a -1 keeps the router's choice.
+            None = the router chooses. The router's own choice is in `router_choice` either way.
         """
         if segment_ids is None:
             segment_ids = jnp.ones(tokens.shape, jnp.int32)
         if positions is None:
             positions = positions_from_segments(segment_ids)
+        cfg = self.config
+        expected = tokens.shape + (len(cfg.moe_layers), cfg.num_experts_per_token)
+        if routing is not None and routing.shape != expected:
+            raise ValueError(f"routing must have shape {expected} [batch, length, MoE layers, "
+                             f"experts per token], got {routing.shape}")
         x = self.embed(tokens)
-        hidden, moe_stats, _ = self.decoder(x, positions, segment_ids)
+        hidden, moe_stats, _ = self.decoder(x, positions, segment_ids, routing=routing)
         logits = self.logits(hidden)
         mtp_logits = None
         if return_mtp and self.mtp_heads:
@@ -232,10 +272,19 @@ class MiMoV2Flash(nn.Module):
             load = jnp.stack([s["load"] for s in moe_stats])
             balance = sum(s["balance_loss"] for s in moe_stats)
         else:
-            load = jnp.zeros((0, self.config.num_experts), jnp.float32)
+            load = jnp.zeros((0, cfg.num_experts), jnp.float32)
             balance = jnp.zeros((), jnp.float32)
         return ModelOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits,
-                           expert_load=load, balance_loss=balance)
+                           expert_load=load, balance_loss=balance,
+                           routing=self._stack_routing(moe_stats, "indices", tokens.shape),
+                           router_choice=self._stack_routing(moe_stats, "router_indices",
+                                                             tokens.shape))
+
+    def _stack_routing(self, moe_stats: list[dict], key: str, shape: tuple) -> jax.Array:
+        """Per-layer [B, T, k] expert ids `key` of the stats -> [B, T, L, k] int32."""
+        if not moe_stats:
+            return jnp.full(shape + (0, self.config.num_experts_per_token), -1, jnp.int32)
+        return jnp.stack([s[key] for s in moe_stats], axis=2)
 
     def mtp_hidden(self, hidden: jax.Array, tokens: jax.Array, positions: jax.Array,
                    segment_ids: jax.Array) -> list[jax.Array]:
@@ -251,19 +300,23 @@ class MiMoV2Flash(nn.Module):
             outputs.append(normed)
         return outputs
 
-    def decode(self, tokens: jax.Array, positions: jax.Array,
-               cache: dict) -> tuple[jax.Array, dict]:
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: dict,
+               return_routing: bool = False):
         """One cached forward over a chunk of new tokens (prefill or decode step).
 
         Args:
           tokens: [B, T] int32.
           positions: [B, T] int32 absolute positions; -1 marks padding.
           cache: the decoder's KV cache, `mimo_jax.inference.cache.init_cache(...)["decoder"]`.
+          return_routing: also return the experts each token ran.
         Returns the hidden states [B, T, D] (before the final norm; `logits` turns the rows that
-        are needed into logits) and the new cache.
+        are needed into logits) and the new cache; with `return_routing` also the routing
+        [B, T, L, k] int32 (-1 on padding).
         """
         segment_ids = (positions >= 0).astype(jnp.int32)
-        hidden, _, cache = self.decoder(self.embed(tokens), positions, segment_ids, cache)
+        hidden, moe_stats, cache = self.decoder(self.embed(tokens), positions, segment_ids, cache)
+        if return_routing:
+            return hidden, cache, self._stack_routing(moe_stats, "indices", tokens.shape)
         return hidden, cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -46,7 +46,8 @@ def test_cached_decoding_logits_match_transformers(tmp_path, logits_step):
     lengths = np.asarray(PROMPTS, np.int32)
     width = max(PROMPTS)
     cache = kv_cache.init_cache(model.config, len(PROMPTS), total, num_mtp_heads=0)
-    last, _, cache = jax.jit(lambda p, t, n, c: decode.prefill(model, p, t, n, c, chunk_size=4))(
+    last, _, cache, _ = jax.jit(
+        lambda p, t, n, c: decode.prefill(model, p, t, n, c, chunk_size=4))(
         params, jnp.asarray(tokens[:, :width]), jnp.asarray(lengths), cache)
     step = logits_step(model)
     ours = [[np.asarray(last[b])[None]] for b in range(len(PROMPTS))]

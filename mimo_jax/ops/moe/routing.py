@@ -1,5 +1,6 @@
 """The MoE router and its balancing, as pure functions: sigmoid top-k routing with the aux-loss-free
-correction bias, per-expert load, the sequence-wise balance loss and the bias update.
+correction bias, routing replay (R3), per-expert load, the sequence-wise balance loss and the bias
+update.
 
 Legend: T tokens (batch and length flattened), B batch, E experts, k experts per token,
 L MoE layers.
@@ -27,10 +28,55 @@ def route(logits: jax.Array, correction_bias: jax.Array, top_k: int, *,
     scores = jax.nn.sigmoid(logits.astype(jnp.float32))
     choice = scores + jax.lax.stop_gradient(correction_bias.astype(jnp.float32))
     _, indices = jax.lax.top_k(choice, top_k)
+    indices = indices.astype(jnp.int32)
+    return gate_weights(scores, indices, normalize=normalize, scaling=scaling), indices, scores
+
+
+def gate_weights(scores: jax.Array, indices: jax.Array, *, normalize: bool = True,
+                 scaling: float = 1.0) -> jax.Array:
+    """The gate weights of experts `indices`: their sigmoid scores, renormalised to sum to one
+    (+1e-20) when `normalize`, times `scaling`. The gradient reaches exactly these scores.
+
+    scores: [T, E] float32; indices: [T, k] int. Returns [T, k] float32.
+    """
     weights = jnp.take_along_axis(scores, indices, axis=-1)
     if normalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-    return weights * scaling, indices.astype(jnp.int32), scores
+    return weights * scaling
+
+
+def replayed_indices(replayed: jax.Array, chosen: jax.Array) -> jax.Array:
+    """Rollout Routing Replay's expert choice: the replayed experts, except for tokens whose
+    replayed row holds a -1 (nothing recorded there), which keep the router's own choice.
+
+    replayed, chosen: [..., k] int. Returns [..., k] int32.
+    """
+    recorded = jnp.all(replayed >= 0, axis=-1, keepdims=True)
+    return jnp.where(recorded, replayed, chosen).astype(jnp.int32)
+
+
+def replay_mismatch(replayed: jax.Array, chosen: jax.Array,
+                    token_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """How often the router would choose differently from the replayed routing.
+
+    A token-expert choice is mismatched when the replayed expert is not among the router's own
+    top-k for that token (order within the k does not matter). Tokens whose replayed row holds a
+    -1 (nothing recorded) and tokens off `token_mask` are not counted.
+
+    Args:
+      replayed, chosen: [..., k] int expert ids (e.g. [B, T, L, k] from the model's output).
+      token_mask: bool, the leading dims of `replayed` or a prefix of them (e.g. [B, T]); None =
+        every token.
+    Returns (mismatched choices [], counted choices []) float32; their ratio is the mismatch rate.
+    """
+    member = jnp.any(replayed[..., :, None] == chosen[..., None, :], axis=-1)  # [..., k]
+    counted = jnp.all(replayed >= 0, axis=-1)  # [...]
+    if token_mask is not None:
+        token_mask = token_mask.reshape(
+            token_mask.shape + (1,) * (counted.ndim - token_mask.ndim)).astype(bool)
+        counted = counted & token_mask
+    mismatched = jnp.sum(jnp.where(counted[..., None], ~member, False), dtype=jnp.float32)
+    return mismatched, jnp.sum(counted, dtype=jnp.float32) * replayed.shape[-1]
 
 
 def expert_load(indices: jax.Array, token_mask: jax.Array, num_experts: int) -> jax.Array:
