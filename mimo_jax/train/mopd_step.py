@@ -171,7 +171,7 @@ class MopdStep:
     def __init__(self, model: MiMoV2Flash, update: Callable, teachers: dict[str, Teacher | None],
                  rewards: dict[str, Reward | None], tokenizer: TextTokenizer,
                  config: MopdConfig):
-        self._model = model
+        self.model = model
         self._update = update
         self._rewards = rewards
         self._tokenizer = tokenizer
@@ -197,7 +197,7 @@ class MopdStep:
         ids, lengths = encode_prompts(self._tokenizer, prompts, cfg.max_prompt_tokens)
         # The state's key is split by every update, so each step samples with a new key and a
         # resumed run with the same one.
-        sample = rollout(self._model, state.params, ids, lengths, samples_per_prompt=samples,
+        sample = rollout(self.model, state.params, ids, lengths, samples_per_prompt=samples,
                          max_new_tokens=cfg.max_response_tokens, sampling=self._sampling,
                          rng=jax.random.fold_in(state.rng, 1), stop_tokens=self._stops)
         texts = response_texts(self._tokenizer, sample)
