@@ -1,0 +1,129 @@
+"""The MOPD trainer end to end on a micro model: a few steps write metrics, checkpoints and an
+export; a stopped and resumed run equals an uninterrupted one (the sampling included); bad input
+stops with one line naming it before anything compiles."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import MICRO_MODEL
+from configs import mopd_tiny
+from mimo_jax.config import model_config_from_dict
+from mimo_jax.config_reader import ConfigError
+from mimo_jax.data.errors import DataError
+from mimo_jax.data.tokenizer import train_bpe
+from mimo_jax.eval.tasks import get_task
+from mimo_jax.model.transformer import MiMoV2Flash, init_params
+from mimo_jax.train import mopd_trainer
+from mimo_jax.train.checkpoint import CheckpointError, export_params
+from mimo_jax.train.mopd_step import PER_DOMAIN_KEYS, RECORD_KEYS
+
+
+def _config(student: pathlib.Path, teacher: pathlib.Path, **extra):
+    config = mopd_tiny.get_config()
+    overrides = {f"model.{k}": v for k, v in MICRO_MODEL.items()}
+    overrides.update({
+        "init_from": str(student), "mopd.teachers": f"addition={teacher},reverse={teacher}",
+        "mopd.prompts_per_domain": 2, "mopd.samples_per_prompt": 2,
+        "mopd.max_prompt_tokens": 16, "mopd.max_response_tokens": 4, "mopd.eval_prompts": 2,
+        "train.steps": 3, "train.log_every": 1, "train.eval_every": 0,
+        "train.checkpoint_every": 2, "train.progress": "log", "train.tensorboard": False,
+        "train.plot": False, "train.learning_rate": 1e-2, "train.end_learning_rate": 1e-2})
+    overrides.update(extra)
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+@pytest.fixture(scope="module", name="exports")
+def fixture_exports(tmp_path_factory):
+    """A student export and a different teacher export of the micro model, sharing a tokenizer
+    trained on the tasks' text."""
+    root = tmp_path_factory.mktemp("mopd")
+    texts = [p + a for task in ("addition", "reverse") for p, a in get_task(task).examples(0, 200)]
+    tokenizer = train_bpe(texts, vocab_size=320, max_bytes=100_000)
+    tokenizer.save(root / "tokenizer.json")
+    config = model_config_from_dict(_config(root, root).model)
+    out = []
+    for name, seed in (("student", 0), ("teacher", 1)):
+        params = init_params(MiMoV2Flash(config), jax.random.key(seed))
+        out.append(export_params(root / name, params, config, root / "tokenizer.json"))
+    return tuple(out) + (root,)
+
+
+def _final_params(workdir: pathlib.Path):
+    _, params = mopd_trainer.init_from.load_params(
+        mopd_trainer.init_from.locate(workdir / "export", None), _model(workdir))
+    return params
+
+
+def _model(workdir: pathlib.Path):
+    return model_config_from_dict(json.loads((workdir / "export" / "model_config.json")
+                                             .read_text()))
+
+
+def test_mopd_steps_write_metrics_and_resume_exactly(exports, tmp_path):
+    student, teacher, _ = exports
+    straight = mopd_trainer.run(_config(student, teacher), tmp_path / "straight",
+                                log=lambda _: None)
+    assert straight.status == "done" and straight.step == 3
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    keys = set().union(*(r.keys() for r in train))
+    for key in RECORD_KEYS + tuple(f"{k}/addition" for k in PER_DOMAIN_KEYS):
+        assert key in keys, key
+    first = train[0]
+    assert 0.0 <= first["reward"] <= 1.0 and 0.0 <= first["masked_share"] <= 1.0
+    assert first["reverse_kl"] != 0.0  # student and teacher differ
+
+    stops = iter([False, True])  # stop after step 2, where a checkpoint is due anyway
+    stopped = mopd_trainer.run(_config(student, teacher), tmp_path / "resumed",
+                               stop_requested=lambda: next(stops, False), log=lambda _: None)
+    assert stopped.status == "preempted" and stopped.step == 2
+    resumed = mopd_trainer.run(_config(student, teacher), tmp_path / "resumed",
+                               log=lambda _: None)
+    assert resumed.status == "done" and resumed.step == 3
+    chex_equal = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                              _final_params(tmp_path / "straight"),
+                              _final_params(tmp_path / "resumed"))
+    assert all(jax.tree.leaves(chex_equal))
+
+
+@pytest.mark.parametrize("extra, error, words", [
+    ({"mopd.teachers": "addition=/nonexistent/teacher,reverse=/nonexistent/teacher"},
+     CheckpointError, "does not exist"),
+    ({"mopd.teachers": "addition=T,multiplication=T"}, ConfigError, "multiplication"),
+    ({"mopd.rewards": "addition=exact,reverse=exact_match"}, ConfigError, "'exact'"),
+    ({"mopd.domains": "addition,reverse,sort"}, ConfigError, "'sort' has no entry"),
+    ({"init_from": ""}, ConfigError, "init_from"),
+])
+def test_bad_input_stops_with_one_line(exports, tmp_path, extra, error, words):
+    student, teacher, _ = exports
+    with pytest.raises(error, match=words):
+        mopd_trainer.run(_config(student, teacher, **extra), tmp_path / "bad", log=lambda _: None)
+
+
+def test_teacher_with_another_tokenizer_is_refused(exports, tmp_path):
+    student, teacher, root = exports
+    other = tmp_path / "other_teacher"
+    config = model_config_from_dict(_config(root, root).model)
+    tokenizer = train_bpe(["abc def"] * 50, vocab_size=300, max_bytes=10_000)
+    tokenizer.save(tmp_path / "tokenizer.json")
+    export_params(other, init_params(MiMoV2Flash(config), jax.random.key(2)), config,
+                  tmp_path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="must share one tokenizer"):
+        mopd_trainer.run(_config(student, teacher, **{
+            "mopd.teachers": f"addition={other},reverse={teacher}"}), tmp_path / "run",
+            log=lambda _: None)
+
+
+def test_empty_prompt_file_is_refused(exports, tmp_path):
+    student, teacher, _ = exports
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        mopd_trainer.run(_config(student, teacher, **{
+            "mopd.prompts": f"addition=jsonl:{tmp_path / 'empty.jsonl'},reverse=task:reverse"}),
+            tmp_path / "run", log=lambda _: None)
