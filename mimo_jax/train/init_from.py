@@ -66,7 +66,7 @@ class InitSource:
 
     def describe(self) -> str:
         """One line for logs: what is read, from where."""
-        what = {EXPORT: "params export", CHECKPOINT: "checkpoint's parameters",
+        what = {EXPORT: "params export", CHECKPOINT: "the parameters of checkpoint",
                 HF: "Hugging Face checkpoint"}[self.kind]
         return f"{what} {self.path}"
 
