@@ -13,20 +13,14 @@ The training itself is `mimo_jax.train.trainer.run` (`mimo_jax.pretrain` in a no
 
 from __future__ import annotations
 
-import signal
-import sys
 from typing import Sequence
 
-import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from mimo_jax.cli import run_command
-from mimo_jax.config import ConfigError
-from mimo_jax.data.errors import DataError
-from mimo_jax.parallel import initialize_distributed
+from mimo_jax.cli.training import run_trainer
 from mimo_jax.train import trainer
-from mimo_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config (a configs/*.py file).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
@@ -34,44 +28,11 @@ _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 
 
-class _StopFlag:
-    """Set by SIGTERM / SIGINT; the training loop polls it after each step."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame) -> None:
-        del frame
-        if not self.requested:
-            print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this "
-                  "step", file=sys.stderr, flush=True)
-        self.requested = True
-
-
 def _run(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        sys.exit("error: --config is required (e.g. --config configs/tiny.py)")
-    if not _WORKDIR.value:
-        sys.exit("error: --workdir is required")
-    logging.set_verbosity(logging.WARNING)  # orbax and grain log every step at INFO
-    if _DISTRIBUTED.value:
-        initialize_distributed(auto_detect=True)  # TPU pods, SLURM/Kubernetes find their peers
-
-    stop = _StopFlag()
-    if jax.process_count() == 1:
-        # Multi-host runs leave SIGTERM to JAX's preemption service, which makes every process
-        # save at the same step (the trainer asks it after each step).
-        signal.signal(signal.SIGTERM, stop)
-    try:
-        result = trainer.run(_CONFIG.value, _WORKDIR.value, stop_requested=lambda: stop.requested)
-    except (ConfigError, DataError, CheckpointError, trainer.TrainingStopped) as err:
-        sys.exit(f"error: {err}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted: checkpoints written so far are kept; rerun the command to resume")
-    for line in trainer.summary_lines(result):
-        print(line)
+    run_trainer(trainer.run, _CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value,
+                example="configs/tiny.py")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

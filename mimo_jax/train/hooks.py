@@ -50,16 +50,18 @@ class MetricsLog(Hook):
 
     Tokens/s covers the last `log_every` steps and only training time (`StepInfo.seconds`); the
     first step after the start is left out, its time being mostly compilation. The step's
-    metrics must hold `tokens`, `loss`, `ce` and `record_keys`.
+    metrics must hold `tokens`, `loss`, `ce`, `record_keys` and `progress_keys` (shown on the
+    progress line after the loss).
     """
 
     def __init__(self, writer: MetricsWriter, progress: Progress, *, steps: int, log_every: int,
-                 record_keys: Sequence[str]):
+                 record_keys: Sequence[str], progress_keys: Sequence[str] = ()):
         self._writer = writer
         self._progress = progress
         self._steps = steps
         self._log_every = log_every
         self._record_keys = tuple(record_keys)
+        self._progress_keys = tuple(progress_keys)
         self._throughput = Throughput(log_every)
         self._start = 0
 
@@ -75,7 +77,8 @@ class MetricsLog(Hook):
         record.update(tokens_per_sec=speed, skipped=not info.finite)
         if info.step % self._log_every == 0 or info.step == self._steps or not info.finite:
             self._writer.write(info.step, "train", record)
-        self._progress.update(info.step, float(values["loss"]), float(values["ce"]), speed)
+        self._progress.update(info.step, float(values["loss"]), float(values["ce"]), speed,
+                              {k: float(values[k]) for k in self._progress_keys})
 
 
 class NonFiniteSteps(Hook):

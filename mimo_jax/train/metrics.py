@@ -102,11 +102,15 @@ class Progress:
                              dynamic_ncols=True, unit="step")
 
     def update(self, step: int, loss: float, cross_entropy: float,
-               tokens_per_sec: float | None) -> None:
+               tokens_per_sec: float | None, extra: dict[str, float] | None = None) -> None:
         """Called after each step (`step` counts steps done) with the objective and its
-        next-token cross-entropy, the number comparable with the eval loss."""
+        next-token cross-entropy, the number comparable with the eval loss; `extra` values
+        (e.g. {"zero_grad_params": 12}) follow them on the line, by name."""
         speed = f"{tokens_per_sec:,.0f}" if tokens_per_sec else "-"
         text = f"loss {loss:.4f}  ce {cross_entropy:.4f}  tok/s {speed}"
+        for name, value in (extra or {}).items():
+            shown = f"{int(value):,}" if float(value).is_integer() else f"{value:.4g}"
+            text += f"  {name} {shown}"
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix_str(text, refresh=False)

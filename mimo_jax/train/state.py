@@ -32,3 +32,12 @@ def init_state(model: MiMoV2Flash, optimizer: optax.GradientTransformation,
     params = init_params(model, init_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.init(params), rng=rng)
+
+
+def state_from_params(params: Any, optimizer: optax.GradientTransformation,
+                      seed: int) -> TrainState:
+    """A fresh run's state around given parameters (e.g. `init_from`'s): step 0, a zero
+    optimizer state and the RNG key `init_state(seed)` would have (call under jit)."""
+    _, rng = jax.random.split(jax.random.PRNGKey(seed))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=rng)

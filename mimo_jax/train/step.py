@@ -8,6 +8,11 @@ train_step(state, batch, learning_rate) -> (state, metrics):
   3. the router-bias rule with the summed expert load;
   4. if the loss or the gradient norm is not finite, the whole update is dropped: the state keeps
      its parameters and optimizer state and only `step` advances. `metrics["finite"]` says so.
+
+One step builder serves every trainer. A batch that carries a `loss_mask` ([B, T], SFT) is
+scored on its marked targets only (`sft_loss`); a batch without one (pretraining) on every
+target of its documents, exactly as before the mask existed. The choice is made when the step is
+traced, from the batch's keys.
 Legend: B batch, T length, A micro-batches.
 """
 
@@ -21,9 +26,9 @@ import optax
 
 from mimo_jax.config import ModelConfig
 from mimo_jax.model.transformer import MiMoV2Flash
-from mimo_jax.train import losses
+from mimo_jax.train import losses, sft_loss
 from mimo_jax.train.config import TrainConfig
-from mimo_jax.train.optimizer import scale_updates
+from mimo_jax.train.optimizer import FROZEN, param_labels, scale_updates
 from mimo_jax.train.router_bias import update_biases
 from mimo_jax.train.state import TrainState
 
@@ -38,10 +43,49 @@ def _micro_batches(batch: Batch, count: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _loss_sums(output: Any, batch: Batch) -> jax.Array:
+    """[1 + M] summed cross-entropies of a (micro-)batch: on the `loss_mask` targets when the
+    batch has one, else on every target of its documents."""
+    if "loss_mask" in batch:
+        return sft_loss.sft_loss_sums(output, batch["tokens"], batch["segment_ids"],
+                                      batch["loss_mask"])
+    return losses.loss_sums(output, batch["tokens"], batch["segment_ids"])
+
+
+def _target_counts(batch: Batch, num_mtp_heads: int) -> jax.Array:
+    """[1 + M] targets of the main head and of each MTP head, counted as `_loss_sums` scores."""
+    if "loss_mask" in batch:
+        return sft_loss.sft_target_counts(batch["segment_ids"], batch["loss_mask"],
+                                          num_mtp_heads)
+    return losses.target_counts(batch["segment_ids"], num_mtp_heads)
+
+
+def zero_grad_params(grads: Any) -> jax.Array:
+    """[] float32: how many trained parameters have a gradient of exactly 0.
+
+    The router's correction biases are left out: no gradient ever reaches them (see
+    `optimizer.param_labels`). Each leaf is counted in int32 along its last axis (no row
+    overflows) and the row counts are added in float32, since the full model's 309B parameters
+    overflow int32: exact below 2**24 parameters, within a relative 1e-6 above.
+    """
+    labels = param_labels(grads)
+    total = jnp.zeros((), jnp.float32)
+    for grad, label in zip(jax.tree.leaves(grads), jax.tree.leaves(labels)):
+        if label == FROZEN:
+            continue
+        rows = (grad == 0).reshape(-1, grad.shape[-1] if grad.ndim else 1)
+        total += jnp.sum(jnp.sum(rows, axis=-1, dtype=jnp.int32).astype(jnp.float32))
+    return total
+
+
 def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
-                    optimizer: optax.GradientTransformation
+                    optimizer: optax.GradientTransformation, *, count_zero_grads: bool = False
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple]:
-    """The un-jitted train step for this model and config."""
+    """The un-jitted train step for this model and config.
+
+    count_zero_grads: also report `metrics["zero_grad_params"]` (see `zero_grad_params`), the
+    report's stability metric for post-training.
+    """
     num_heads = model_config.num_mtp_heads
     accum = train_config.grad_accum_steps
 
@@ -49,7 +93,7 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
         output = model.apply({"params": params}, micro["tokens"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"],
                              return_mtp=num_heads > 0)
-        sums = losses.loss_sums(output, micro["tokens"], micro["segment_ids"])
+        sums = _loss_sums(output, micro)
         # Dividing by full-batch counts here makes the summed micro-gradients exactly the
         # gradient of the full-batch objective.
         objective, _ = losses.total_loss(sums, counts, output.balance_loss / accum,
@@ -61,7 +105,7 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
 
     def train_step(state: TrainState, batch: Batch,
                    learning_rate: jax.Array) -> tuple[TrainState, dict]:
-        counts = losses.target_counts(batch["segment_ids"], num_heads)
+        counts = _target_counts(batch, num_heads)
         if accum == 1:
             (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts)
         else:
@@ -95,6 +139,8 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
                        learning_rate=learning_rate,
                        tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
                        expert_load=load, max_load_violation=_max_load_violation(load))
+        if count_zero_grads:
+            metrics["zero_grad_params"] = zero_grad_params(grads)
         return new_state, metrics
 
     return train_step
@@ -109,14 +155,14 @@ def _max_load_violation(load: jax.Array) -> jax.Array:
 
 
 def make_eval_step(model: MiMoV2Flash, model_config: ModelConfig) -> Callable[[Any, Batch], dict]:
-    """eval_step(params, batch) -> {"sums": [1 + M], "counts": [1 + M]} for summing over batches."""
+    """eval_step(params, batch) -> {"sums": [1 + M], "counts": [1 + M]} for summing over batches
+    (response targets only when the batch has a `loss_mask`)."""
     num_heads = model_config.num_mtp_heads
 
     def eval_step(params, batch: Batch) -> dict:
         output = model.apply({"params": params}, batch["tokens"],
                              segment_ids=batch["segment_ids"], positions=batch["positions"],
                              return_mtp=num_heads > 0)
-        return {"sums": losses.loss_sums(output, batch["tokens"], batch["segment_ids"]),
-                "counts": losses.target_counts(batch["segment_ids"], num_heads)}
+        return {"sums": _loss_sums(output, batch), "counts": _target_counts(batch, num_heads)}
 
     return eval_step

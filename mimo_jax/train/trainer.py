@@ -6,6 +6,10 @@ checks the config, the data and the checkpoint directory before any compilation,
 step program (`step_program`, shared with the throughput benchmark), and runs `loop.TrainLoop`
 with the standard hooks of `hooks.py`.
 
+The part after the data is known to be good is shared with the other trainers (SFT): a
+`RunSetup` says what differs (the first state, the held-out batches, the logged metrics) and
+`train` builds the step program and runs the loop with the standard hooks.
+
 Ends:
   done       `train.steps` reached: final eval, final checkpoint, params export, plot.
   preempted  `stop_requested()` turned true (SIGTERM), or JAX's preemption service says so on a
@@ -41,12 +45,13 @@ from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsL
 from mimo_jax.train.loop import Batches, LoopEnd, TrainingStopped, TrainLoop
 from mimo_jax.train.metrics import TENSORBOARD_DIR, MetricsWriter, Progress
 from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
-from mimo_jax.train.state import TrainState, init_state
+from mimo_jax.train.state import TrainState, init_state, state_from_params
 from mimo_jax.train.step import make_eval_step, make_train_step
 
 # `TrainingStopped` is raised by `run` (the non-finite rule); callers catch it from here.
-__all__ = ["CONFIG_FILE", "TRAIN_RECORD_KEYS", "RunConfigs", "RunResult", "StepProgram",
-           "TrainingStopped", "build_configs", "run", "step_program", "summary_lines"]
+__all__ = ["CONFIG_FILE", "TRAIN_RECORD_KEYS", "RunConfigs", "RunResult", "RunSetup",
+           "StepProgram", "TrainingStopped", "build_configs", "resume_batches", "run",
+           "save_config", "step_program", "summary_lines", "train"]
 
 CONFIG_FILE = "config.json"
 # The pretraining step's metrics that go into each "train" record of metrics.jsonl.
@@ -83,14 +88,15 @@ def build_configs(config: ml_collections.ConfigDict) -> RunConfigs:
         if section not in config:
             raise ConfigError(f"config has no {section!r} section")
     model = model_config_from_dict(config.model)
-    train = train_config_from_dict(config.train)
-    if train.compute_dtype:
-        model = with_runtime(model, dtype=train.compute_dtype)
-    return RunConfigs(model=model, data=data_config_from_dict(config.data), train=train,
+    train_config = train_config_from_dict(config.train)
+    if train_config.compute_dtype:
+        model = with_runtime(model, dtype=train_config.compute_dtype)
+    return RunConfigs(model=model, data=data_config_from_dict(config.data), train=train_config,
                       mesh=mesh_config_from_dict(config.get("mesh")))
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Writes the run config as `<workdir>/config.json` (atomically)."""
     path = workdir / CONFIG_FILE
     tmp = path.with_name(CONFIG_FILE + ".tmp")
     tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -126,8 +132,15 @@ class StepProgram:
     train_step: Callable
 
     def initial_state(self, seed: int) -> TrainState:
+        """Fresh parameters from `seed` and a zero optimizer state, in the state's shardings."""
         return jax.jit(lambda: init_state(self.model, self.optimizer, seed),
                        out_shardings=self.state_shardings)()
+
+    def state_with_params(self, params: Any, seed: int) -> TrainState:
+        """A fresh run's state around loaded `params` (in `state_shardings.params`): a zero
+        optimizer state, step 0, and the RNG key of `initial_state(seed)`."""
+        return jax.jit(lambda p: state_from_params(p, self.optimizer, seed),
+                       out_shardings=self.state_shardings)(params)
 
     def global_batch(self, local_batch: dict[str, np.ndarray],
                      parallelism: Parallelism) -> dict[str, jax.Array]:
@@ -136,8 +149,10 @@ class StepProgram:
                                      {k: self.batch_sharding for k in local_batch})
 
 
-def step_program(configs: RunConfigs, parallelism: Parallelism, seed: int) -> StepProgram:
-    """Traces the model's parameters once and builds the train step under the mesh and rules."""
+def step_program(configs: RunConfigs, parallelism: Parallelism, seed: int, *,
+                 count_zero_grads: bool = False) -> StepProgram:
+    """Traces the model's parameters once and builds the train step under the mesh and rules
+    (`count_zero_grads`: see `step.make_train_step`)."""
     model = MiMoV2Flash(configs.model)
     params_shape, param_shardings = parallelism.param_shardings(model)
     optimizer = make_optimizer(configs.train, params_shape)
@@ -147,8 +162,9 @@ def step_program(configs: RunConfigs, parallelism: Parallelism, seed: int) -> St
     # Traced under the mesh and the logical rules (the model's sharding constraints,
     # expert-parallel dispatch and context-parallel attention), with explicit shardings.
     train_step = parallelism.jit_train_step(
-        make_train_step(model, configs.model, configs.train, optimizer), state_shardings,
-        batch_sharding, extra_args=1)
+        make_train_step(model, configs.model, configs.train, optimizer,
+                        count_zero_grads=count_zero_grads),
+        state_shardings, batch_sharding, extra_args=1)
     return StepProgram(model, params_shape, optimizer, abstract_state, state_shardings,
                        batch_sharding, train_step)
 
@@ -163,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     is_first = jax.process_index() == 0
     if is_first:
         workdir.mkdir(parents=True, exist_ok=True)
-        _save_config(config, workdir)
+        save_config(config, workdir)
 
     parallelism = partition.make_parallelism(configs.mesh, train_cfg.num_devices)
     partition.check_batch(data_cfg.batch_size, data_cfg.seq_len, train_cfg.grad_accum_steps,
@@ -186,50 +202,75 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
-        data_state = None
-        if start:
-            checkpointer.check(start, meta)
-            data_state = checkpointer.restore_data_state(start)
-        try:
-            batches = Batches(iter(pipeline.train_batches(data_cfg, train_sources, tokenizer,
-                                                          model_cfg.vocab_size, shard)),
-                              data_state)
-        except (KeyError, IndexError, TypeError, ValueError) as err:
-            if isinstance(err, DataError) or data_state is None:
-                raise
-            raise CheckpointError(f"the data position saved in checkpoint "
-                                  f"{checkpointer.directory / str(start)} does not fit this data "
-                                  f"pipeline: {type(err).__name__}: {err}") from err
+        batches = resume_batches(checkpointer, start, meta, lambda: iter(pipeline.train_batches(
+            data_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard)))
         if start < train_cfg.steps:
             batches.read_ahead()  # the first batch before any compilation: bad data fails fast
-        setup = _Setup(configs, workdir, parallelism, shard, tokenizer, eval_sources,
-                       checkpointer, meta, start)
-        return _train(setup, batches, stop_requested, log)
+        eval_batches = None
+        if eval_sources:
+            eval_batches = lambda: pipeline.eval_batches(  # noqa: E731
+                data_cfg, eval_sources, tokenizer, model_cfg.vocab_size, shard)
+        setup = RunSetup(configs, workdir, parallelism, checkpointer, meta, start,
+                         initial_state=lambda program: program.initial_state(train_cfg.seed),
+                         eval_batches=eval_batches)
+        return train(setup, batches, stop_requested, log)
     finally:
         if batches is not None:
             batches.close()
         checkpointer.close()
 
 
+def resume_batches(checkpointer: Checkpointer, start: int, meta: dict[str, Any],
+                   make_iterator: Callable[[], Any]) -> Batches:
+    """The training batches from `make_iterator()` standing after batch `start`: a fresh run's
+    (start 0) from the beginning, a resumed run's at the position saved in checkpoint `start`,
+    once `checkpointer.check` has found that checkpoint written for `meta`'s model, tokenizer
+    and data stream."""
+    data_state = None
+    if start:
+        checkpointer.check(start, meta)
+        data_state = checkpointer.restore_data_state(start)
+    try:
+        return Batches(make_iterator(), data_state)
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        if isinstance(err, DataError) or data_state is None:
+            raise
+        raise CheckpointError(f"the data position saved in checkpoint "
+                              f"{checkpointer.directory / str(start)} does not fit this data "
+                              f"pipeline: {type(err).__name__}: {err}") from err
+
+
 @dataclasses.dataclass(frozen=True)
-class _Setup:
-    """What `run` checked before any compilation."""
+class RunSetup:
+    """What a trainer checked before any compilation, and what its run does differently.
+
+    start:          the step restored from (0 for a fresh run).
+    initial_state:  a fresh run's first state, given the step program (e.g. new parameters from
+                    the seed, or loaded ones with a new optimizer state).
+    eval_batches:   () -> the held-out per-process batches (the same every call); None: no
+                    evaluation.
+    record_keys:    the step's metrics written to each "train" record.
+    progress_keys:  the step's metrics shown on the progress line after the loss.
+    count_zero_grads: the step reports `zero_grad_params`.
+    """
 
     configs: RunConfigs
     workdir: pathlib.Path
     parallelism: Parallelism
-    shard: pipeline.ProcessShard
-    tokenizer: Any
-    eval_sources: list
     checkpointer: Checkpointer
     meta: dict
-    start: int  # the step restored from (0 for a fresh run)
+    start: int
+    initial_state: Callable[[StepProgram], TrainState]
+    eval_batches: Callable[[], Any] | None = None
+    record_keys: tuple[str, ...] = TRAIN_RECORD_KEYS
+    progress_keys: tuple[str, ...] = ()
+    count_zero_grads: bool = False
 
 
 class _HeldOutLoss:
     """The eval losses of some parameters over the eval batches (read once, on first use)."""
 
-    def __init__(self, setup: _Setup, program: StepProgram):
+    def __init__(self, setup: RunSetup, program: StepProgram):
         self._setup = setup
         self._program = program
         self._eval_step = setup.parallelism.jit_eval_step(
@@ -241,9 +282,7 @@ class _HeldOutLoss:
         """{"loss", "perplexity", "tokens"} and, with MTP heads, "mtp_loss" (their mean)."""
         setup = self._setup
         if not self._batches:
-            self._batches = list(pipeline.eval_batches(
-                setup.configs.data, setup.eval_sources, setup.tokenizer,
-                setup.configs.model.vocab_size, setup.shard))
+            self._batches = list(setup.eval_batches())
         sums = counts = 0.0
         for batch in self._batches:
             out = self._eval_step(params, self._program.global_batch(batch, setup.parallelism))
@@ -258,7 +297,7 @@ class _HeldOutLoss:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PretrainHooks:
+class _StandardHooks:
     """The hooks whose outcome goes into the `RunResult` (None: not added to this run)."""
 
     non_finite: NonFiniteSteps
@@ -279,13 +318,14 @@ class _PretrainHooks:
                          skipped_steps=self.non_finite.skipped)
 
 
-def _add_hooks(loop: TrainLoop, setup: _Setup, program: StepProgram, writer: MetricsWriter,
-               progress: Progress, stop_requested: Callable[[], bool]) -> _PretrainHooks:
-    """Pretraining's hooks in their order: log the step, the non-finite rule, save, preemption,
+def _add_hooks(loop: TrainLoop, setup: RunSetup, program: StepProgram, writer: MetricsWriter,
+               progress: Progress, stop_requested: Callable[[], bool]) -> _StandardHooks:
+    """The standard hooks in their order: log the step, the non-finite rule, save, preemption,
     evaluate; export and plot at the end."""
     train_cfg, workdir, checkpointer = setup.configs.train, setup.workdir, setup.checkpointer
     loop.add_hook(MetricsLog(writer, progress, steps=train_cfg.steps,
-                             log_every=train_cfg.log_every, record_keys=TRAIN_RECORD_KEYS))
+                             log_every=train_cfg.log_every, record_keys=setup.record_keys,
+                             progress_keys=setup.progress_keys))
     non_finite = loop.add_hook(NonFiniteSteps(train_cfg.max_nan_steps, checkpointer,
                                               progress.message))
     checkpoint = loop.add_hook(Checkpoint(checkpointer, setup.meta, last_saved=setup.start or None),
@@ -295,7 +335,7 @@ def _add_hooks(loop: TrainLoop, setup: _Setup, program: StepProgram, writer: Met
     loop.add_hook(Preemption(stop_requested, checkpointer.manager.reached_preemption
                              if jax.process_count() > 1 else None))
     evaluation = export = plot = None
-    if setup.eval_sources:
+    if setup.eval_batches is not None:
         evaluation = loop.add_hook(
             Evaluation(_HeldOutLoss(setup, program), writer, progress.message,
                        at_start=train_cfg.eval_every > 0), every=train_cfg.eval_every)
@@ -304,22 +344,24 @@ def _add_hooks(loop: TrainLoop, setup: _Setup, program: StepProgram, writer: Met
                                             workdir / pipeline.TOKENIZER_FILE), every=0)
     if train_cfg.plot and jax.process_index() == 0:
         plot = loop.add_hook(PlotCurves(workdir), every=0)
-    return _PretrainHooks(non_finite, checkpoint, evaluation, export, plot)
+    return _StandardHooks(non_finite, checkpoint, evaluation, export, plot)
 
 
-def _train(setup: _Setup, batches: Batches, stop_requested: Callable[[], bool],
-           log: Callable[[str], None]) -> RunResult:
-    """The part of `run` after the data and the checkpoint directory are known to be good:
-    the step program, the state, and the loop with pretraining's hooks."""
+def train(setup: RunSetup, batches: Batches, stop_requested: Callable[[], bool],
+          log: Callable[[str], None]) -> RunResult:
+    """The part of a run after the data and the checkpoint directory are known to be good:
+    the step program, the state (restored, or `setup.initial_state`), and the loop with the
+    standard hooks. `batches` must stand after batch `setup.start`."""
     configs, checkpointer, start = setup.configs, setup.checkpointer, setup.start
     data_cfg, train_cfg = configs.data, configs.train
-    program = step_program(configs, setup.parallelism, train_cfg.seed)
+    program = step_program(configs, setup.parallelism, train_cfg.seed,
+                           count_zero_grads=setup.count_zero_grads)
     if start:
         state = checkpointer.restore_state(
             start, _abstract_with_shardings(program.abstract_state, program.state_shardings))
         log(f"resumed from {checkpointer.directory / str(start)}")
     else:
-        state = program.initial_state(train_cfg.seed)
+        state = setup.initial_state(program)
     num_params = sum(x.size for x in jax.tree.leaves(program.params_shape))
     log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
         f"tokens; {train_cfg.steps} steps on {setup.parallelism.mesh.size} device(s)")
