@@ -165,17 +165,23 @@ class Preemption(Hook):
             raise StopLoop("stop requested")
 
 
+def _loss_and_perplexity(result: dict[str, Any]) -> str:
+    return f"eval loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}"
+
+
 class Evaluation(Hook):
     """The held-out loss at the steps it is added for and at the end (once per step), and with
     `at_start` also of a fresh run's initial parameters (step 0).
 
-    `evaluate(params)` returns at least {"loss", "perplexity"}; each result becomes an "eval"
-    record and a progress message.
+    `evaluate(params)` returns at least {"loss"}; each result becomes an "eval" record and a
+    progress message, `describe(result)` (default: the loss and perplexity).
     """
 
     def __init__(self, evaluate: Callable[[Any], dict[str, Any]], writer: MetricsWriter,
-                 say: Callable[[str], None], *, at_start: bool):
+                 say: Callable[[str], None], *, at_start: bool,
+                 describe: Callable[[dict[str, Any]], str] | None = None):
         self._evaluate = evaluate
+        self._describe = describe or _loss_and_perplexity
         self._writer = writer
         self._say = say
         self._at_start = at_start
@@ -187,8 +193,7 @@ class Evaluation(Hook):
         if self._latest is None or self._latest[0] != info.step:
             result = self._evaluate(info.state.params)
             self._writer.write(info.step, "eval", result)
-            self._say(f"step {info.step}: eval loss {result['loss']:.4f} "
-                      f"perplexity {result['perplexity']:.2f}")
+            self._say(f"step {info.step}: {self._describe(result)}")
             self._latest = (info.step, result)
         return self._latest[1]
 
@@ -196,7 +201,7 @@ class Evaluation(Hook):
         if self._at_start and info.step == 0:
             result = self._evaluate(info.state.params)
             self._writer.write(0, "eval", result)
-            self._say(f"step 0: eval loss {result['loss']:.4f}")
+            self._say(f"step 0: {self._describe(result)}")
             self._latest = (0, result)
             self.first_loss = result["loss"]
 

@@ -136,6 +136,11 @@ class HeldOutAccuracy:
         return result
 
 
+def _describe_accuracy(result: dict[str, float]) -> str:
+    return "held-out accuracy " + ", ".join(f"{key.split('/', 1)[1]} {value:.3f}"
+                                            for key, value in result.items() if "/" in key)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         stop_requested: Callable[[], bool] = lambda: False,
         log: Callable[[str], None] = print) -> RunResult:
@@ -212,9 +217,9 @@ def _train(state: TrainState, batches, step: MopdStep, start: int, configs: Mopd
         evaluation = None
         if held_out:
             accuracy = HeldOutAccuracy(step.model, tokenizer, held_out, mopd.max_response_tokens)
-            evaluation = loop.add_hook(Evaluation(accuracy, writer, progress.message,
-                                                  at_start=train_cfg.eval_every > 0),
-                                       every=train_cfg.eval_every)
+            evaluation = loop.add_hook(
+                Evaluation(accuracy, writer, progress.message, at_start=train_cfg.eval_every > 0,
+                           describe=_describe_accuracy), every=train_cfg.eval_every)
         export = plot = None
         if train_cfg.export_params:
             export = loop.add_hook(ExportParams(workdir / EXPORT_DIR, configs.model,

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MICRO_MODEL
 from configs import mopd_tiny
 from mimo_jax.config import model_config_from_dict
 from mimo_jax.config_reader import ConfigError
@@ -22,9 +21,13 @@ from mimo_jax.train.checkpoint import CheckpointError, export_params
 from mimo_jax.train.mopd_step import PER_DOMAIN_KEYS, RECORD_KEYS
 
 
+# The micro model of the trainer tests (tests/train/conftest.py), set by the `exports` fixture.
+MODEL: dict = {}
+
+
 def _config(student: pathlib.Path, teacher: pathlib.Path, **extra):
     config = mopd_tiny.get_config()
-    overrides = {f"model.{k}": v for k, v in MICRO_MODEL.items()}
+    overrides = {f"model.{k}": v for k, v in MODEL.items()}
     overrides.update({
         "init_from": str(student), "mopd.teachers": f"addition={teacher},reverse={teacher}",
         "mopd.prompts_per_domain": 2, "mopd.samples_per_prompt": 2,
@@ -38,9 +41,10 @@ def _config(student: pathlib.Path, teacher: pathlib.Path, **extra):
 
 
 @pytest.fixture(scope="module", name="exports")
-def fixture_exports(tmp_path_factory):
+def fixture_exports(tmp_path_factory, micro):
     """A student export and a different teacher export of the micro model, sharing a tokenizer
     trained on the tasks' text."""
+    MODEL.update(micro.model)
     root = tmp_path_factory.mktemp("mopd")
     texts = [p + a for task in ("addition", "reverse") for p, a in get_task(task).examples(0, 200)]
     tokenizer = train_bpe(texts, vocab_size=320, max_bytes=100_000)
@@ -54,9 +58,8 @@ def fixture_exports(tmp_path_factory):
 
 
 def _final_params(workdir: pathlib.Path):
-    _, params = mopd_trainer.init_from.load_params(
+    return mopd_trainer.init_from.load_params(
         mopd_trainer.init_from.locate(workdir / "export", None), _model(workdir))
-    return params
 
 
 def _model(workdir: pathlib.Path):
