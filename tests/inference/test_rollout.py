@@ -218,10 +218,12 @@ def test_replaying_another_routing_changes_output_and_counts_mismatch(decode_mod
 def test_replaying_the_routers_own_choice_keeps_values_and_gradients(
         decode_model, moe_impl, scan_layers, remat_policy):
     """Gradients of every parameter, the router's included, through a replayed forward equal the
-    unreplayed ones: the replayed experts are gated by the same renormalised sigmoid scores."""
+    unreplayed ones: the replayed experts are gated by the same renormalised sigmoid scores.
+    (Reference attention: the smallest program to compile; attention is not what is tested.)"""
     base_model, base_params = decode_model
     config = with_runtime(replace_model(base_model.config, scan_layers=scan_layers),
-                          moe_impl=moe_impl, remat_policy=remat_policy, attention_impl="reference")
+                          moe_impl=moe_impl, remat_policy=remat_policy,
+                          attention_impl="reference")
     model = MiMoV2Flash(config)
     params = dict(base_params)
     params["decoder"] = layout.stack_layers(

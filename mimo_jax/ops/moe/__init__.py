@@ -4,9 +4,10 @@
     weights, indices, scores = moe_ops.route(logits, correction_bias, top_k)
     y = moe_ops.dispatch(x, weights, indices, w_gate, w_up, w_down, impl="ragged")
 
-Modules: `routing` (router, routing replay, expert load, balance loss, correction-bias update), `api` (the
-`dispatch` entry point and the registry of backends), `dense` (the dense twin), `ragged` (dropless
-sorted dispatch), `expert_parallel` (experts split over mesh axes, all-to-all exchange).
+Modules: `routing` (router, routing replay, expert load, balance loss, correction-bias update),
+`api` (the `dispatch` entry point and the registry of backends), `dense` (the dense twin),
+`ragged` (dropless sorted dispatch), `expert_parallel` (experts split over mesh axes, all-to-all
+exchange).
 """
 
 from mimo_jax.ops.moe.api import IMPLEMENTATIONS, IMPLS, dispatch

@@ -76,3 +76,30 @@ def test_bias_update_moves_towards_balance():
     # Layer 0: mean 5 -> overloaded expert 0 goes down, the others up. Layer 1: balanced, unchanged.
     np.testing.assert_allclose(np.asarray(new),
                                [[0.099, -0.199, 0.001, 0.301], [0.0, 0.0, 0.0, 0.0]], atol=1e-7)
+
+
+def test_replay_gates_the_replayed_experts_and_falls_back_on_unrecorded_tokens():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 8)).astype(np.float32)
+    bias = rng.normal(scale=0.3, size=(8,)).astype(np.float32)
+    _, chosen, scores = moe_ops.route(jnp.asarray(logits), jnp.asarray(bias), 3, scaling=2.0)
+    replayed = np.array([[0, 1, 2], [7, 6, 5], [-1, 3, 4], [4, 3, -1], [2, 5, 0], [1, 1, 2]])
+    indices = np.asarray(moe_ops.replayed_indices(jnp.asarray(replayed), chosen))
+    # Rows 2 and 3 recorded nothing complete: the router's own choice, whole.
+    np.testing.assert_array_equal(indices[[0, 1, 4, 5]], replayed[[0, 1, 4, 5]])
+    np.testing.assert_array_equal(indices[2:4], np.asarray(chosen)[2:4])
+    weights = np.asarray(moe_ops.gate_weights(scores, jnp.asarray(indices), scaling=2.0))
+    ref_scores = 1.0 / (1.0 + np.exp(-logits))
+    picked = np.take_along_axis(ref_scores, indices, axis=-1)
+    np.testing.assert_allclose(weights, 2.0 * picked / picked.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_replay_mismatch_counts_experts_outside_the_routers_set():
+    chosen = jnp.array([[[0, 1], [2, 3]], [[4, 5], [6, 7]]])  # [B=2, L=2, k=2]
+    replayed = jnp.array([[[1, 0], [2, 7]],  # same set in another order; one of two differs
+                          [[-1, 4], [0, 1]]])  # unrecorded (not counted); both differ
+    mismatched, counted = moe_ops.replay_mismatch(replayed, chosen)
+    assert (float(mismatched), float(counted)) == (3.0, 6.0)
+    # A [B] token mask broadcasts over the layer axis: only row 0 counts.
+    mismatched, counted = moe_ops.replay_mismatch(replayed, chosen, jnp.array([True, False]))
+    assert (float(mismatched), float(counted)) == (1.0, 4.0)
