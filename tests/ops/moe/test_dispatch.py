@@ -83,16 +83,16 @@ def _loss_and_grads(impl: str, load: str, x, logits, mask, experts):
 
 
 @functools.cache
-def _dense_twin(load: str):
-    """The dense backend's loss and gradients, computed once per load for every other backend."""
-    return _loss_and_grads("dense", load, *_problem(seed=2))
+def _dense_twin():
+    """The dense backend's loss and gradients, computed once for every other backend."""
+    return _loss_and_grads("dense", "skewed", *_problem(seed=2))
 
 
-@pytest.mark.parametrize("load", list(BIASES))
 @pytest.mark.parametrize("impl", [name for name in moe_ops.IMPLS if name != "dense"])
-def test_gradients_match_the_dense_twin(impl, load):
-    value, grads = _loss_and_grads(impl, load, *_problem(seed=2))
-    want_value, want_grads = _dense_twin(load)
+def test_gradients_match_the_dense_twin(impl):
+    """On the skewed load (idle experts get no gradient; the busy one most of it)."""
+    value, grads = _loss_and_grads(impl, "skewed", *_problem(seed=2))
+    want_value, want_grads = _dense_twin()
     assert relative_error(value, want_value) <= 1e-5
     for name, got, want in zip(("dx", "dlogits", "dw_gate", "dw_up", "dw_down"), grads,
                                want_grads):
