@@ -8,7 +8,7 @@
     model, params = mimo_jax.load_hf("/path/to/MiMo-V2-Flash")     # or save_hf(...)
     model, params, tokenizer = mimo_jax.load_checkpoint("runs/tiny")
     out = mimo_jax.generate(model, params, prompts, lengths, max_new_tokens=64)
-    mimo_jax.pretrain(config, "runs/tiny")
+    mimo_jax.pretrain(config, "runs/tiny")             # also mimo_jax.sft, mimo_jax.mopd
 
 Each name is imported from its module on first use, so that `import mimo_jax` stays cheap and
 importing one submodule (`mimo_jax.config`, a Grain worker's `mimo_jax.data`) never loads the
@@ -40,6 +40,8 @@ _EXPORTS = {
     "speculative_generate": ("mimo_jax.inference.speculative", "speculative_generate"),
     "SamplingConfig": ("mimo_jax.inference.sampling", "SamplingConfig"),
     "pretrain": ("mimo_jax.train.trainer", "run"),
+    "sft": ("mimo_jax.train.sft_trainer", "run"),
+    "mopd": ("mimo_jax.train.mopd_trainer", "run"),
 }
 
 __all__ = sorted(_EXPORTS)
