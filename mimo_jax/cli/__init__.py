@@ -3,6 +3,7 @@ work is done by the library modules each one names.
 
     python -m mimo_jax.train.pretrain     cli/pretrain.py         -> mimo_jax.train.trainer
     python -m mimo_jax.train.sft          cli/sft.py              -> mimo_jax.train.sft_trainer
+    python -m mimo_jax.train.mopd         cli/mopd.py             -> mimo_jax.train.mopd_trainer
     python -m mimo_jax.train.plot         cli/plot.py             -> mimo_jax.train.curves
     python -m mimo_jax.generate           cli/generate.py         -> mimo_jax.loading, inference
     python -m mimo_jax.summary            cli/summary.py          -> mimo_jax.model.param_count
@@ -12,7 +13,8 @@ work is done by the library modules each one names.
 The module paths on the left stay what users and launch scripts type; each takes the command's
 docstring (its `--help` text) and calls its `main(argv)`. A command module defines its absl flags
 when imported, so import one per process (`main` parses them and exits, as `python -m` does).
-`cli/training.py`, which defines no flags, holds what the two training commands share.
+`cli/training.py` holds what the training commands share: `training_command` defines their
+flags (called once, by the command's own module), `run_trainer` runs one with one-line errors.
 """
 
 from __future__ import annotations

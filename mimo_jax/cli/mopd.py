@@ -16,27 +16,7 @@ exits 0. A bad config value, teacher, tokenizer or prompt file ends the run with
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from mimo_jax.cli import run_command
-from mimo_jax.cli.training import run_trainer
+from mimo_jax.cli.training import training_command
 from mimo_jax.train import mopd_trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "Run config (a configs/mopd_*.py file).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-
-
-def _run(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run_trainer(mopd_trainer.run, _CONFIG.value, _WORKDIR.value, False,
-                example="configs/mopd_tiny.py")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    run_command(_run, argv)
+main = training_command(mopd_trainer.run, example="configs/mopd_tiny.py")

@@ -17,29 +17,7 @@ run with one line `error: ...` and exit status 1. The training itself is
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from mimo_jax.cli import run_command
-from mimo_jax.cli.training import run_trainer
+from mimo_jax.cli.training import training_command
 from mimo_jax.train import sft_trainer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "Run config (a configs/sft_*.py file).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
-_DISTRIBUTED = flags.DEFINE_boolean(
-    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
-
-
-def _run(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run_trainer(sft_trainer.run, _CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value,
-                example="configs/sft_tiny.py")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
-    run_command(_run, argv)
+main = training_command(sft_trainer.run, example="configs/sft_tiny.py")

@@ -1,16 +1,19 @@
-"""What the training commands (`pretrain`, `sft`) share: the stop flag that SIGTERM sets, and
-running a trainer with one-line errors. Not a command itself: it defines no flags."""
+"""What the training commands (`pretrain`, `sft`, `mopd`) share: their flags, the stop flag that
+SIGTERM sets, and running a trainer with one-line errors. Not a command itself: it defines flags
+only when a command's module calls `training_command`."""
 
 from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
-from absl import logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
+from mimo_jax.cli import run_command
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
 from mimo_jax.parallel import initialize_distributed
@@ -63,3 +66,26 @@ def run_trainer(run: Trainer, config: ml_collections.ConfigDict | None, workdir:
         sys.exit("interrupted: checkpoints written so far are kept; rerun the command to resume")
     for line in trainer.summary_lines(result):
         print(line)
+
+
+def training_command(run: Trainer, example: str) -> Callable[[Sequence[str] | None], None]:
+    """Defines a training command's flags (`--config`, `--workdir`, `--distributed`) and returns
+    its `main(argv)`, which runs `run` through `run_trainer`. Call once, from the command's module.
+
+    example: the config file the messages suggest (e.g. "configs/tiny.py").
+    """
+    config = config_flags.DEFINE_config_file("config", None, f"Run config (e.g. {example}).")
+    workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and exports.")
+    distributed = flags.DEFINE_boolean(
+        "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
+
+    def _run(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        run_trainer(run, config.value, workdir.value, distributed.value, example=example)
+
+    def main(argv: Sequence[str] | None = None) -> None:
+        """Runs the command on `argv` (program name first; default `sys.argv`), then exits."""
+        run_command(_run, argv)
+
+    return main

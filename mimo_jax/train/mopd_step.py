@@ -30,16 +30,15 @@ from mimo_jax.data.prompts import PromptBatch
 from mimo_jax.data.tokenizer import TextTokenizer
 from mimo_jax.eval.tasks import Reward, extract_answer
 from mimo_jax.inference.rollout import Rollout, rollout, score_tokens
-from mimo_jax.ops.moe import replay_mismatch
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.ops.moe import replay_mismatch
 from mimo_jax.train.config import TrainConfig
 from mimo_jax.train.mopd_config import MopdConfig
 from mimo_jax.train.mopd_objective import (MopdObjective, group_advantages,
                                            importance_weights, mopd_loss, token_metrics)
-from mimo_jax.train.optimizer import scale_updates
-from mimo_jax.train.router_bias import update_biases
 from mimo_jax.train.state import TrainState
+from mimo_jax.train.step import apply_gradients
 
 # What the progress line and metrics log show of each step (per-domain values come beside).
 RECORD_KEYS = ("loss", "ce", "reward", "accuracy", "reverse_kl", "masked_share",
@@ -126,18 +125,9 @@ def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: Tra
 
     def update(state: TrainState, batch: dict, learning_rate: jax.Array):
         (loss, (student, metrics, output)), grads = grad_fn(state.params, batch)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, scale_updates(updates, learning_rate))
-        params = update_biases(params, output.expert_load, train_config.bias_update_rate,
-                               model_config)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        rng, _ = jax.random.split(state.rng)
-        new_state = TrainState(step=state.step + 1,
-                               params=jax.tree.map(keep, params, state.params),
-                               opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                               rng=rng)
+        new_state, grad_norm, finite = apply_gradients(
+            state, grads, loss, output.expert_load, learning_rate, optimizer=optimizer,
+            model_config=model_config, train_config=train_config)
         mask = batch["response_mask"].astype(bool)
         nll = -jnp.sum(jnp.where(mask, student, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
         per_domain = {key: [] for key in ("reverse_kl", "masked_share", "response_length")}

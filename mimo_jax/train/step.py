@@ -124,17 +124,9 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
             balance = balance / accum
         loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                         train_config.balance_loss_weight)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, scale_updates(updates, learning_rate))
-        params = update_biases(params, load, train_config.bias_update_rate, model_config)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        rng, _ = jax.random.split(state.rng)
-        new_state = TrainState(step=state.step + 1,
-                               params=jax.tree.map(keep, params, state.params),
-                               opt_state=jax.tree.map(keep, opt_state, state.opt_state),
-                               rng=rng)
+        new_state, grad_norm, finite = apply_gradients(
+            state, grads, loss, load, learning_rate, optimizer=optimizer,
+            model_config=model_config, train_config=train_config)
         metrics = dict(parts, loss=loss, grad_norm=grad_norm, finite=finite,
                        learning_rate=learning_rate,
                        tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
@@ -144,6 +136,28 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
         return new_state, metrics
 
     return train_step
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, expert_load: jax.Array,
+                    learning_rate: jax.Array, *, optimizer: optax.GradientTransformation,
+                    model_config: ModelConfig, train_config: TrainConfig
+                    ) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One AdamW update at `learning_rate`, then the router-bias rule with `expert_load` [L, E];
+    a non-finite loss or gradient norm drops the whole update (only `step` advances and the RNG
+    key moves on). Returns (new state, gradient norm [], finite [] bool). Every trainer's step
+    ends here."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, scale_updates(updates, learning_rate))
+    params = update_biases(params, expert_load, train_config.bias_update_rate, model_config)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    rng, _ = jax.random.split(state.rng)
+    new_state = TrainState(step=state.step + 1,
+                           params=jax.tree.map(keep, params, state.params),
+                           opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+                           rng=rng)
+    return new_state, grad_norm, finite
 
 
 def _max_load_violation(load: jax.Array) -> jax.Array:
