@@ -92,7 +92,8 @@ def reference_config(args: argparse.Namespace) -> MiMoV2FlashConfig:
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=1,
         head_dim=96, v_head_dim=64, moe_intermediate_size=256, n_routed_experts=args.experts,
         num_experts_per_tok=args.top_k, sliding_window=129)
-    config._attn_implementation = "eager"  # pylint: disable=protected-access  (sink-aware)
+    # The eager attention is the one that applies the sinks.
+    config._attn_implementation = "eager"  # pylint: disable=protected-access
     return config
 
 

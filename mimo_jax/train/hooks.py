@@ -174,7 +174,7 @@ class Evaluation(Hook):
     `at_start` also of a fresh run's initial parameters (step 0).
 
     `evaluate(params)` returns at least {"loss"}; each result becomes an "eval" record and a
-    progress message, `describe(result)` (default: the loss and perplexity).
+    progress message, `describe(result)` (default: the loss and perplexity; at step 0 the loss).
     """
 
     def __init__(self, evaluate: Callable[[Any], dict[str, Any]], writer: MetricsWriter,
@@ -182,6 +182,7 @@ class Evaluation(Hook):
                  describe: Callable[[dict[str, Any]], str] | None = None):
         self._evaluate = evaluate
         self._describe = describe or _loss_and_perplexity
+        self._describe_start = describe or (lambda result: f"eval loss {result['loss']:.4f}")
         self._writer = writer
         self._say = say
         self._at_start = at_start
@@ -201,7 +202,7 @@ class Evaluation(Hook):
         if self._at_start and info.step == 0:
             result = self._evaluate(info.state.params)
             self._writer.write(0, "eval", result)
-            self._say(f"step 0: {self._describe(result)}")
+            self._say(f"step 0: {self._describe_start(result)}")
             self._latest = (0, result)
             self.first_loss = result["loss"]
 
