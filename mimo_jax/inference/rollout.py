@@ -79,6 +79,12 @@ def rollout(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Ar
                    routing=out.routing)
 
 
+def segments_from_lengths(lengths: jax.Array, length: int) -> jax.Array:
+    """One document per row: 1 on each row's first `lengths` positions, 0 (padding) after.
+    [B] -> [B, S] int32."""
+    return (jnp.arange(length)[None] < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
+
+
 def score_tokens(model: MiMoV2Flash, params: Any, tokens: jax.Array, *,
                  lengths: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  positions: jax.Array | None = None, temperature: float = 1.0,
@@ -105,8 +111,7 @@ def score_tokens(model: MiMoV2Flash, params: Any, tokens: jax.Array, *,
         raise ValueError(f"score temperature={temperature!r} must be > 0")
     tokens = jnp.asarray(tokens, jnp.int32)
     if lengths is not None:
-        columns = jnp.arange(tokens.shape[1])[None]
-        segment_ids = (columns < jnp.asarray(lengths)[:, None]).astype(jnp.int32)
+        segment_ids = segments_from_lengths(lengths, tokens.shape[1])
     elif segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     output: ModelOutput = model.apply({"params": params}, tokens, segment_ids=segment_ids,

@@ -29,7 +29,7 @@ from mimo_jax.config import ModelConfig
 from mimo_jax.data.prompts import PromptBatch
 from mimo_jax.data.tokenizer import TextTokenizer
 from mimo_jax.eval.tasks import Reward, extract_answer
-from mimo_jax.inference.rollout import Rollout, rollout, score_tokens
+from mimo_jax.inference.rollout import Rollout, rollout, score_tokens, segments_from_lengths
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.ops.moe import replay_mismatch
@@ -93,11 +93,6 @@ def outcome_rewards(batch: PromptBatch, responses: list[str], samples: int,
     return np.asarray(reward_rows, np.float32), np.asarray(correct_rows, np.float32)
 
 
-def _segments(lengths: jax.Array, length: int) -> jax.Array:
-    """1 on each row's first `lengths` positions, 0 after: [B] -> [B, S] int32."""
-    return (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32)
-
-
 def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
                 objective: MopdObjective, optimizer: optax.GradientTransformation,
                 num_domains: int, routing_replay: bool) -> Callable:
@@ -138,7 +133,7 @@ def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: Tra
             values = token_metrics(student, batch.get("teacher_log_probs"), kept, in_domain)
             for key in per_domain:
                 per_domain[key].append(values.get(key, jnp.zeros((), jnp.float32)))
-        in_rows = _segments(batch["lengths"], mask.shape[1]).astype(bool)
+        in_rows = segments_from_lengths(batch["lengths"], mask.shape[1]).astype(bool)
         mismatched, counted = replay_mismatch(output.routing, output.router_choice, in_rows)
         out = dict(metrics, loss=loss, ce=nll, grad_norm=grad_norm, finite=finite,
                    learning_rate=learning_rate, tokens=metrics["tokens"].astype(jnp.int32),
