@@ -32,7 +32,7 @@ DENSE = "dense"
 MOE = "moe"
 
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "pallas")
-MOE_IMPLS = ("dense", "ragged", "blocked", "expert_parallel")
+MOE_IMPLS = ("dense", "ragged", "blocked", "gathered", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,7 +44,8 @@ class RuntimeConfig(Section):
     dtype: compute dtype (parameters are cast to it in each matmul; `param_dtype` is stored).
     attention_impl, attention_chunk_size: attention backend ("auto" picks per device) and the
       query/key block of the chunked one.
-    moe_impl: routed-expert dispatch ("expert_parallel" is "ragged" when experts are not split).
+    moe_impl: routed-expert dispatch ("expert_parallel" is "ragged" when experts are not split;
+      a one-device backend runs "gathered" on calls with fewer token copies than experts).
     remat_policy: what a decoder layer keeps for the backward pass.
     expert_capacity_factor: the expert-parallel receive buffer holds ceil(factor * expected token
       copies per shard) rows; copies past it are dropped. 0 means dropless (the worst case).

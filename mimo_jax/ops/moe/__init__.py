@@ -6,8 +6,9 @@
 
 Modules: `routing` (router, routing replay, expert load, balance loss, correction-bias update),
 `api` (the `dispatch` entry point and the registry of backends), `dense` (the dense twin),
-`ragged` (dropless sorted dispatch), `expert_parallel` (experts split over mesh axes, all-to-all
-exchange).
+`ragged` (dropless sorted dispatch), `blocked` (routed copies in fixed-size blocks),
+`gathered` (each token's own experts' weights, for decoding), `expert_parallel` (experts split
+over mesh axes, all-to-all exchange).
 """
 
 from mimo_jax.ops.moe.api import IMPLEMENTATIONS, IMPLS, dispatch

@@ -6,10 +6,14 @@ Every backend runs the routed experts on the same inputs and returns the same re
   ragged           dropless sorted dispatch with grouped matmuls (`ragged.py`).
   blocked          dropless: the routed copies only, sorted into fixed-size blocks of one expert
                    each, with dense matmuls per block (`blocked.py`); fast on every backend.
+  gathered         each token multiplies by its own k experts' gathered weights
+                   (`gathered.py`): reads k of E experts per token; for decoding.
   expert_parallel  the experts split over mesh axes, token copies exchanged with all-to-all
                    (`expert_parallel.py`); without a mesh that splits the experts it is the
                    ragged dispatch.
-The model makes one call whatever the backend; the backend is a config value.
+The model makes one call whatever the backend; the backend is a config value. Whatever it is,
+a one-device call with so few tokens that T*k < E (decoding at small batch) runs `gathered`:
+it reads only the chosen experts' weights, and weight reads are what such a call costs.
 
 Legend: B batch, T length, D model dim, E experts, k experts per token, F expert ffn dim.
 """
@@ -25,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from mimo_jax.ops.moe import expert_parallel
 from mimo_jax.ops.moe.blocked import blocked_dispatch
 from mimo_jax.ops.moe.dense import dense_dispatch
+from mimo_jax.ops.moe.gathered import gathered_dispatch, reads_fewer_weights
 from mimo_jax.ops.moe.ragged import ragged_dispatch
 
 
@@ -54,6 +59,12 @@ def _blocked(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes
                            token_mask)
 
 
+def _gathered(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options):
+    del mesh_axes, options  # all experts on one device
+    return _on_flat_tokens(gathered_dispatch, x, weights, indices, w_gate, w_up, w_down,
+                           token_mask)
+
+
 def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes,
                      options):
     if x.ndim != 3:
@@ -66,15 +77,17 @@ def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, m
 
 
 # name -> fn(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options), the
-# contract
-# of `dispatch`.
+# contract of `dispatch`.
 IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "dense": _dense,
     "ragged": _ragged,
     "blocked": _blocked,
+    "gathered": _gathered,
     "expert_parallel": _expert_parallel,
 }
 IMPLS = tuple(IMPLEMENTATIONS)
+# Backends with every expert on the one device, which `gathered` may stand in for.
+_ONE_DEVICE = ("dense", "ragged", "blocked")
 
 
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
@@ -87,7 +100,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
       x: [..., D] tokens ([T, D] or [B, T, D]; expert_parallel needs [B, T, D]).
       weights, indices: [..., k] gate weights and expert ids (from `routing.route`).
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-      impl: one of `IMPLS`.
+      impl: one of `IMPLS`; a one-device backend gives way to `gathered` when T*k < E.
       token_mask: [...] bool, False for padding: its output is zero (and expert parallelism does
         not send it). None = every token is real.
       mesh_axes: optional (x, w_gate) mesh PartitionSpecs of [batch, length, embed] and
@@ -99,5 +112,9 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"MoE impl {impl!r} is not one of {IMPLS}")
+    num_tokens = x.size // x.shape[-1]
+    if impl in _ONE_DEVICE and reads_fewer_weights(num_tokens, indices.shape[-1],
+                                                   w_gate.shape[0]):
+        impl = "gathered"
     return IMPLEMENTATIONS[impl](x, weights, indices, w_gate, w_up, w_down,
                                  token_mask=token_mask, mesh_axes=mesh_axes, options=options)

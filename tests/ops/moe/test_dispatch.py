@@ -143,3 +143,26 @@ def test_flat_tokens_and_a_bad_impl():
     with pytest.raises(ValueError, match=r"needs tokens \[B, T, D\]"):
         moe_ops.dispatch(x.reshape(B * T, D), weights.reshape(B * T, K),
                          indices.reshape(B * T, K), *experts, impl="expert_parallel")
+
+
+@pytest.mark.parametrize("impl", ["dense", "ragged", "blocked"])
+def test_few_tokens_read_only_their_experts(impl):
+    """With T*k < E (decoding at batch 1-3 here) every one-device backend runs the gathered
+    dispatch: experts no token chose may hold NaN and the output is still the numpy value."""
+    x, logits, _, experts = _problem(seed=4)
+    tokens = E // K - 1  # the most tokens with T*k < E
+    x, logits = x.reshape(B * T, D)[:tokens], logits[:tokens]
+    weights, indices, _ = moe_ops.route(logits, jnp.zeros(E), K)
+    unused = np.setdiff1d(np.arange(E), np.asarray(indices))
+    assert unused.size > 0
+    poisoned = tuple(w.at[unused].set(jnp.nan) for w in experts)
+    out = moe_ops.dispatch(x, weights, indices, *poisoned, impl=impl)
+    want = _numpy_moe(x[None], weights[None], indices[None], np.ones((1, tokens), bool),
+                      experts)[0]
+    assert relative_error(out, want) <= 1e-5
+    # At T*k >= E the backend itself runs: the dense one reads (and here propagates) every expert.
+    if impl == "dense":
+        x_more = jnp.concatenate([x, x[:1]])
+        w_more, i_more, _ = moe_ops.route(jnp.concatenate([logits, logits[:1]]), jnp.zeros(E), K)
+        assert np.isnan(np.asarray(moe_ops.dispatch(x_more, w_more, i_more, *poisoned,
+                                                    impl="dense"))).any()
