@@ -29,10 +29,8 @@ EXTRAS = {
     "xm": ["xmanager>=0.6.0"],
     # The parity tests run the reference implementation; torch is pinned to the CPU build.
     # transformers reads FP8 checkpoints through accelerate.
-    # pylint checks the import graph (tests/test_imports.py).
     "test": [
         "pytest>=8.0",
-        "pylint>=3.3",
         "pytest-xdist>=3.5",
         "torch==2.13.0",
         "transformers>=5.13",
