@@ -1,7 +1,9 @@
-"""Test setup: CPU only, 8 simulated devices, float32 matmuls at full precision, absl flags
-marked parsed."""
+"""Test setup: CPU only, 8 simulated devices, float32 matmuls at full precision, a persistent
+compilation cache, absl flags marked parsed."""
 
 import os
+import pathlib
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 xla_flags = os.environ.get("XLA_FLAGS", "")
@@ -11,6 +13,12 @@ if "xla_force_host_platform_device_count" not in xla_flags:
 import jax  # noqa: E402  (must follow the environment set-up above)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same programs (each trainer run builds its own jitted functions, and
+# both xdist workers build the shared fixtures): one on-disk cache serves them all. A compiled
+# program is the same binary whether it came from the cache or not.
+jax.config.update("jax_compilation_cache_dir", os.environ.get(
+    "MIMO_JAX_TEST_CACHE", str(pathlib.Path(tempfile.gettempdir()) / "mimo_jax_test_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402

@@ -18,6 +18,7 @@ L MoE layers, k experts per token.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -146,6 +147,11 @@ def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: Tra
 
 
 
+def _score(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """[B, S] log-probs of `tokens` under a frozen teacher (see `rollout.score_tokens`)."""
+    return score_tokens(model, params, tokens, lengths=lengths)
+
+
 class MopdStep:
     """The loop's step for MOPD: `(state, PromptBatch, learning_rate) -> (state, metrics)`.
 
@@ -163,10 +169,12 @@ class MopdStep:
         self._config = config
         self._sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
         self._stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
-        self._scorers = {domain: None if teacher is None else jax.jit(
-            lambda params, tokens, lengths, m=teacher.model: score_tokens(m, params, tokens,
-                                                                          lengths=lengths))
-            for domain, teacher in teachers.items()}
+        # One compiled scorer per teacher architecture (models are equal when their configs
+        # are): teachers of the same shape share one program.
+        scorers = {teacher.model: jax.jit(functools.partial(_score, teacher.model))
+                   for teacher in teachers.values() if teacher is not None}
+        self._scorers = {domain: None if teacher is None else scorers[teacher.model]
+                         for domain, teacher in teachers.items()}
         self._teachers = teachers
 
     @property

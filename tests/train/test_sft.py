@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import pytest
 from compile_options import QUICK_COMPILE
-from jax.experimental.compilation_cache import compilation_cache
 
 from configs import sft_tiny
 from mimo_jax.config import ConfigError, model_config_from_dict
@@ -35,22 +34,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 6
 WORDS = ["def", "return", "self", "x", "y", "(", ")", ":", "=", "+", "if", "else"]
 RECORD_KEYS = ("loss", "ce", "mtp", "balance", "grad_norm", "learning_rate", "zero_grad_params")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module: the runs compile the same programs."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    before = {key: getattr(jax.config, key) for key in keys}
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update(keys[1], 0.0)
-    jax.config.update(keys[2], -1)
-    compilation_cache.reset_cache()
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    compilation_cache.reset_cache()
 
 
 def write_jsonl(path, records):
