@@ -4,6 +4,8 @@ Each task makes prompts from a seeded generator and solves them in plain Python:
   addition  "123+456="     -> "579"
   reverse   "reverse:abc=" -> "cba"
   sort      "sort:cab="    -> "abc"
+and smaller versions for CPU-sized demonstrations: addition_small (operands below 100),
+reverse_small (2 to 5 letters of a-h).
 The held-out split is decided by a hash of the prompt, so no prompt is ever in both splits, for
 any seeds. A response is read up to its first end-of-answer marker (a newline or the end-of-text
 token); the reward registry scores it against the answer, and `None` names "no outcome reward".
@@ -120,8 +122,15 @@ def sort_task(**options) -> Task:
     return string_task("sort", lambda letters: "".join(sorted(letters)), **options)
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (addition_task(), reverse_task(),
-                                                        sort_task())}
+def _renamed(task: Task, name: str) -> Task:
+    return dataclasses.replace(task, name=name)
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (
+    addition_task(), reverse_task(), sort_task(),
+    # Smaller versions, learnt in minutes by a CPU-sized model (the MOPD demonstration).
+    _renamed(addition_task(digits=2), "addition_small"),
+    _renamed(reverse_task(min_length=2, max_length=5, alphabet="abcdefgh"), "reverse_small"))}
 
 
 def get_task(name: str) -> Task:

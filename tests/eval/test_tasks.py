@@ -62,7 +62,8 @@ def test_unknown_names_raise_and_list_known_ones():
     assert tasks.get_reward(None) is None
     with pytest.raises(ValueError, match=r"unknown reward 'exact'.*digit_match, exact_match"):
         tasks.get_reward("exact")
-    with pytest.raises(ValueError, match=r"unknown task 'multiply'.*addition, reverse, sort"):
+    with pytest.raises(ValueError, match=r"unknown task 'multiply'.*addition, addition_small, "
+                                         r"reverse, reverse_small, sort"):
         tasks.get_task("multiply")
     with pytest.raises(ValueError, match="split 'valid'"):
         tasks.get_task("sort").examples(0, 3, split="valid")
