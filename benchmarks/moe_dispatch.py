@@ -30,10 +30,8 @@ from mimo_jax.ops import moe  # noqa: E402
 from mimo_jax.ops.moe import blocked as moe_blocked  # noqa: E402
 
 
-def _inputs(jnp, tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> tuple:
+def _inputs(tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> tuple:
     """Random tokens, routing and expert weights (fixed seed); the routing is the model's own."""
-
-
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(tokens, dim)), jnp.float32)
     logits = jnp.asarray(rng.normal(size=(tokens, experts)), jnp.float32)
@@ -46,7 +44,7 @@ def _inputs(jnp, tokens: int, dim: int, ffn: int, experts: int, top_k: int) -> t
     return x, weights, indices, experts_weights, projection
 
 
-def _programs(jax, jnp, dispatch, projection) -> tuple:
+def _programs(dispatch, projection) -> tuple:
     """(forward, forward + backward) jitted; routing indices are arguments, not constants."""
     forward = jax.jit(lambda x, w, i, ws: dispatch(x, w, i, *ws))
 
@@ -74,10 +72,9 @@ def shape_rows(impls: list[str], tokens: int, dim: int, ffn: int, experts: int, 
                                                     formulation="loop"),
                   "blocked-batched": functools.partial(moe_blocked.blocked_dispatch,
                                                        formulation="batched")}
-    x, weights, indices, experts_weights, projection = _inputs(jnp, tokens, dim, ffn,
-                                                               experts, top_k)
+    x, weights, indices, experts_weights, projection = _inputs(tokens, dim, ffn, experts, top_k)
     args = (x, weights, indices, experts_weights)
-    programs = {name: _programs(jax, jnp, dispatches[name], projection) for name in impls}
+    programs = {name: _programs(dispatches[name], projection) for name in impls}
     outputs = {name: np.asarray(fwd(*args)) for name, (fwd, _) in programs.items()}
     for _, bwd in programs.values():
         jax.block_until_ready(bwd(*args))  # compiles

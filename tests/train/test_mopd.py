@@ -9,14 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from configs import mopd_tiny
+from configs import mopd_demo, mopd_tiny
 from mimo_jax.config import model_config_from_dict
 from mimo_jax.config_reader import ConfigError
 from mimo_jax.data.errors import DataError
 from mimo_jax.data.tokenizer import train_bpe
 from mimo_jax.eval.tasks import get_task
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
-from mimo_jax.train import mopd_trainer
+from mimo_jax.train import mopd_trainer, sft_trainer
 from mimo_jax.train.checkpoint import CheckpointError, export_params
 from mimo_jax.train.mopd_step import PER_DOMAIN_KEYS, RECORD_KEYS
 
@@ -130,3 +130,16 @@ def test_empty_prompt_file_is_refused(exports, tmp_path):
         mopd_trainer.run(_config(student, teacher, **{
             "mopd.prompts": f"addition=jsonl:{tmp_path / 'empty.jsonl'},reverse=task:reverse"}),
             tmp_path / "run", log=lambda _: None)
+
+
+def test_demonstration_configs_are_valid():
+    """benchmarks/mopd.py's SFT and MOPD configs pass every check that needs no disk."""
+    config = mopd_demo.get_config()
+    config.init_from = "student/export"
+    config.mopd.teachers = ",".join(f"{d}=teacher_{d}/export" for d in mopd_demo.DOMAINS)
+    configs = mopd_trainer.build_configs(config)
+    assert configs.mopd.domains == mopd_demo.DOMAINS
+    assert configs.model.vocab_size == mopd_demo.VOCAB_SIZE
+    sft = mopd_demo.sft_config("train.jsonl", "tokenizer.json", "", steps=10, learning_rate=1e-3)
+    sft_trainer.check_config(sft)
+    assert model_config_from_dict(sft.model) == configs.model
