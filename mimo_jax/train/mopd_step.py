@@ -171,8 +171,8 @@ class MopdStep:
         self._stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         # One compiled scorer per teacher architecture (models are equal when their configs
         # are): teachers of the same shape share one program.
-        scorers = {teacher.model: jax.jit(functools.partial(_score, teacher.model))
-                   for teacher in teachers.values() if teacher is not None}
+        models = {teacher.model for teacher in teachers.values() if teacher is not None}
+        scorers = {model: jax.jit(functools.partial(_score, model)) for model in models}
         self._scorers = {domain: None if teacher is None else scorers[teacher.model]
                          for domain, teacher in teachers.items()}
         self._teachers = teachers
