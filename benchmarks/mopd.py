@@ -57,6 +57,9 @@ MOPD_VARIANTS = {  # name -> mopd section overrides
     "ORM-only RL (GRPO)": dict(use_teacher=False, alpha=1.0),
 }
 OFF_POLICY = "SFT on teacher outputs"
+# The demonstration's MOPD settings and model, read once (a run's config is built fresh).
+SETTINGS = mopd_demo.get_config()
+MODEL_CONFIG = model_config_from_dict(SETTINGS.model)
 
 
 def _slug(name: str) -> str:
@@ -67,8 +70,13 @@ def _export(workdir: pathlib.Path) -> pathlib.Path:
     return workdir / EXPORT_DIR
 
 
-def _done(workdir: pathlib.Path) -> bool:
-    return (_export(workdir) / "params").exists()
+def _needs_run(workdir: pathlib.Path) -> bool:
+    """False when the stage's export exists (it is reused); else clears what a stopped run left."""
+    if (_export(workdir) / "params").exists():
+        print(f"reusing {workdir}")
+        return False
+    shutil.rmtree(workdir, ignore_errors=True)
+    return True
 
 
 def _write_data(root: pathlib.Path, args: argparse.Namespace) -> tuple[TextTokenizer, dict]:
@@ -82,16 +90,14 @@ def _write_data(root: pathlib.Path, args: argparse.Namespace) -> tuple[TextToken
         files[domain] = write_sft_jsonl(root / f"{domain}.jsonl", examples)
         mixture += examples
     np.random.default_rng(args.seed).shuffle(mixture)
-    files["mixture"] = write_sft_jsonl(root / "mixture.jsonl", [tuple(e) for e in mixture])
+    files["mixture"] = write_sft_jsonl(root / "mixture.jsonl", mixture)
     return tokenizer, files
 
 
 def _sft(workdir: pathlib.Path, train_file: pathlib.Path, tokenizer_file: pathlib.Path,
          init: str, steps: int, learning_rate: float) -> None:
-    if _done(workdir):
-        print(f"reusing {workdir}")
+    if not _needs_run(workdir):
         return
-    shutil.rmtree(workdir, ignore_errors=True)
     config = mopd_demo.sft_config(str(train_file), str(tokenizer_file), init, steps,
                                   learning_rate)
     sft_trainer.run(config, workdir)
@@ -99,10 +105,8 @@ def _sft(workdir: pathlib.Path, train_file: pathlib.Path, tokenizer_file: pathli
 
 def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, pathlib.Path],
           overrides: dict, args: argparse.Namespace) -> None:
-    if _done(workdir):
-        print(f"reusing {workdir}")
+    if not _needs_run(workdir):
         return
-    shutil.rmtree(workdir, ignore_errors=True)
     config = mopd_demo.get_config()
     config.init_from = str(_export(student))
     mopd = config.mopd
@@ -117,12 +121,8 @@ def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, path
 
 
 def _load(workdir: pathlib.Path) -> tuple[MiMoV2Flash, object]:
-    source = init_from.locate(str(_export(workdir)), _model_config())
+    source = init_from.locate(str(_export(workdir)), MODEL_CONFIG)
     return MiMoV2Flash(source.model_config), init_from.load_params(source, source.model_config)
-
-
-def _model_config():
-    return model_config_from_dict(mopd_demo.get_config().model)
 
 
 def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
@@ -131,7 +131,7 @@ def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
     count, same temperature); returns how many responses and tokens they sampled."""
     if path.exists():
         return json.loads(path.with_suffix(".count.json").read_text())
-    mopd = mopd_demo.get_config().mopd
+    mopd = SETTINGS.mopd
     per_domain, samples = mopd.prompts_per_domain, mopd.samples_per_prompt
     pools = {d: prompt_pool("task", d, seed=args.seed) for d in mopd_demo.DOMAINS}
     stream = PromptStream(pools, per_domain, args.seed)
@@ -164,7 +164,7 @@ def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
 
 def _sampled(workdir: pathlib.Path) -> dict:
     """Responses and tokens an MOPD run sampled, from its per-step metrics records."""
-    mopd = mopd_demo.get_config().mopd
+    mopd = SETTINGS.mopd
     rows = mopd.prompts_per_domain * mopd.samples_per_prompt  # per domain per step
     records = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -227,7 +227,7 @@ def main() -> None:
     rows.update(variants)
     tests = {d: get_task(d).examples(args.seed, args.eval_prompts, "test")
              for d in mopd_demo.DOMAINS}
-    max_new = mopd_demo.get_config().mopd.max_response_tokens
+    max_new = SETTINGS.mopd.max_response_tokens
     accuracy = {}
     for name, workdir in rows.items():
         model, params = _load(workdir)

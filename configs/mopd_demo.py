@@ -40,7 +40,6 @@ def sft_config(train_file: str, tokenizer_file: str, init_from: str, steps: int,
     """SFT of the demonstration model on one JSON-lines file, 32 rows of 64 tokens a step,
     warm-up then cosine to a tenth; `init_from` "" starts from a random initialisation."""
     config = model_settings(sft_mimo_v2_flash.sft_settings(tiny.get_config()))
-    config.model.num_mtp_heads = 0
     config.sft.copy_mtp_head = False
     config.init_from = init_from
     data = config.data
