@@ -146,7 +146,6 @@ def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: Tra
     return update
 
 
-
 def _score(model: MiMoV2Flash, params: Any, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
     """[B, S] log-probs of `tokens` under a frozen teacher (see `rollout.score_tokens`)."""
     return score_tokens(model, params, tokens, lengths=lengths)

@@ -194,7 +194,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         checkpointer.close()
 
 
-
 def _train(state: TrainState, batches, step: MopdStep, start: int, configs: MopdConfigs,
            workdir: pathlib.Path, checkpointer: Checkpointer, meta: dict,
            tokenizer: TextTokenizer, stop_requested: Callable[[], bool]) -> RunResult:
