@@ -23,6 +23,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
+import micro_runs  # noqa: E402
 import model_configs  # noqa: E402
 from mimo_jax.config import ModelConfig, replace_model  # noqa: E402
 
@@ -45,3 +46,15 @@ def _parsed_flags():
 def fixture_small_config():
     """The factory `small_model_config` as a fixture."""
     return small_model_config
+
+
+@pytest.fixture(scope="session", name="corpus_dir")
+def fixture_corpus_dir(tmp_path_factory) -> pathlib.Path:
+    """`micro_runs.make_corpus`: a small text corpus and its tokenizer, made once."""
+    return micro_runs.make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session", name="micro")
+def fixture_micro():
+    """The micro-run helpers (`micro_runs`), for test modules."""
+    return micro_runs

@@ -40,7 +40,7 @@ NEW_TOKENS = 6
 # The modules that `python -m` runs; importing one would shadow a public name of the same name.
 ENTRY_MODULES = ("mimo_jax.generate", "mimo_jax.summary", "mimo_jax.plan",
                  "mimo_jax.train.pretrain", "mimo_jax.train.sft", "mimo_jax.train.mopd",
-                 "mimo_jax.train.plot",
+                 "mimo_jax.train.plot", "mimo_jax.ablate",
                  "mimo_jax.data.to_array_record")
 
 

@@ -16,7 +16,7 @@ def test_mean_keys_counts_the_window():
 
 def test_micro_model_by_hand(micro):
     config = model_config_from_dict(micro.build_config(
-        {f"model.{k}": v for k, v in micro.model.items()}).model)
+        {f"model.{k}": v for k, v in micro.MICRO_MODEL.items()}).model)
     t, d = 16, 32
     # Both layer types: 2 query heads, 1 KV head, q/k 16, v 8.
     projections = 2 * d * (2 * 16 + 16 + 8) + 2 * 2 * 8 * d

@@ -44,7 +44,7 @@ def _config(student: pathlib.Path, teacher: pathlib.Path, **extra):
 def fixture_exports(tmp_path_factory, micro):
     """A student export and a different teacher export of the micro model, sharing a tokenizer
     trained on the tasks' text."""
-    MODEL.update(micro.model)
+    MODEL.update(micro.MICRO_MODEL)
     root = tmp_path_factory.mktemp("mopd")
     texts = [p + a for task in ("addition", "reverse") for p, a in get_task(task).examples(0, 200)]
     tokenizer = train_bpe(texts, vocab_size=320, max_bytes=100_000)

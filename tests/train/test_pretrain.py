@@ -88,7 +88,7 @@ def checkpoint_steps(workdir):
 
 def straight_and_interrupted_runs(root, corpus_dir, env, micro):
     """The straight run and the interrupted one, both finished."""
-    overrides = micro.overrides(corpus_dir, **{"train.steps": STEPS, "train.eval_every": 12})
+    overrides = micro.micro_overrides(corpus_dir, **{"train.steps": STEPS, "train.eval_every": 12})
     straight = root / "straight"
     # Retention only changes which checkpoints are deleted: keep the newest 2 and every 6th.
     code, stdout, stderr = finish(start(straight, dict(overrides, **{
@@ -168,7 +168,7 @@ def check_plot_command(resumed, directory):
 
 def check_checkpoint_of_another_model_is_refused(straight, micro, corpus_dir):
     before = sorted(p.name for p in (straight / "checkpoints").iterdir())
-    config = micro.build_config(micro.overrides(corpus_dir, **{
+    config = micro.build_config(micro.micro_overrides(corpus_dir, **{
         "train.steps": STEPS, "model.hidden_size": 48}))
     with pytest.raises(CheckpointError, match="different model config: "
                                               "model.hidden_size: checkpoint=32 run=48"):
@@ -177,7 +177,7 @@ def check_checkpoint_of_another_model_is_refused(straight, micro, corpus_dir):
 
 
 def check_changed_data_stream_is_refused(straight, micro, corpus_dir):
-    config = micro.build_config(micro.overrides(corpus_dir, **{
+    config = micro.build_config(micro.micro_overrides(corpus_dir, **{
         "train.steps": STEPS, "data.seed": 5}))
     with pytest.raises(CheckpointError, match="different data stream.*data.seed: checkpoint=0 "
                                               "run=5"):
@@ -188,21 +188,21 @@ def check_damaged_checkpoint_is_named(straight, micro, corpus_dir, directory):
     shutil.copytree(straight, directory / "copy")
     for blob in (directory / "copy" / "checkpoints" / "24" / "state").rglob("d/*"):
         blob.unlink()
-    config = micro.build_config(micro.overrides(corpus_dir, **{"train.steps": 30}))
+    config = micro.build_config(micro.micro_overrides(corpus_dir, **{"train.steps": 30}))
     with pytest.raises(CheckpointError, match="checkpoint .*/copy/checkpoints/24 cannot be "
                                               "restored"):
         trainer.run(config, directory / "copy", log=lambda _: None)
 
 
 def test_bf16_compute_keeps_f32_weights(micro, corpus_dir):
-    configs = trainer.build_configs(micro.build_config(micro.overrides(corpus_dir, **{
+    configs = trainer.build_configs(micro.build_config(micro.micro_overrides(corpus_dir, **{
         "train.compute_dtype": "bfloat16"})))
     assert (configs.model.runtime.dtype, configs.model.param_dtype) == ("bfloat16", "float32")
 
 
 def test_bad_inputs_fail_before_training(tmp_path, micro, corpus_dir):
     def run(**extra):
-        config = micro.build_config(micro.overrides(corpus_dir, **extra))
+        config = micro.build_config(micro.micro_overrides(corpus_dir, **extra))
         return trainer.run(config, tmp_path / "wd", log=lambda _: None)
 
     with pytest.raises(DataError, match="matches no files"):
@@ -227,7 +227,7 @@ def test_bad_inputs_fail_before_training(tmp_path, micro, corpus_dir):
 
 
 def test_cli_error_is_one_line(tmp_path, env, micro, corpus_dir):
-    overrides = micro.overrides(corpus_dir, **{"data.train_sources": f"text:{tmp_path}/x/*.py"})
+    overrides = micro.micro_overrides(corpus_dir, **{"data.train_sources": f"text:{tmp_path}/x/*.py"})
     code, _, stderr = finish(start(tmp_path / "wd", overrides, env, micro), timeout=120)
     assert code == 1
     assert stderr.strip().splitlines()[-1] == (
@@ -238,7 +238,7 @@ def check_bad_token_mid_run_keeps_the_trained_steps(directory, env, micro, corpu
     documents = [np.full(16, 5 + i, np.int32) for i in range(40)]
     documents[30][3] = 999  # outside the 320-id vocabulary; in the 4th batch of 8 documents
     write_shards(iter(documents), directory / "shards", 8, {"vocab_size": 320})
-    overrides = micro.overrides(corpus_dir, **{
+    overrides = micro.micro_overrides(corpus_dir, **{
         "train.steps": STEPS, "train.eval_every": 12, "data.shuffle": False,
         "data.train_sources": f"array_record:{directory / 'shards'}"})
     code, _, stderr = finish(start(directory / "wd", overrides, env, micro))
@@ -250,7 +250,7 @@ def check_bad_token_mid_run_keeps_the_trained_steps(directory, env, micro, corpu
 
 
 def check_non_finite_losses_stop_the_run(directory, env, micro, corpus_dir):
-    overrides = micro.overrides(corpus_dir, **{
+    overrides = micro.micro_overrides(corpus_dir, **{
         "train.steps": STEPS, "train.eval_every": 0, "train.learning_rate": 1e30,
         "train.warmup_fraction": 0.0, "train.checkpoint_every": 1, "train.max_nan_steps": 3})
     code, _, stderr = finish(start(directory / "wd", overrides, env, micro))

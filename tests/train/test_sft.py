@@ -75,7 +75,7 @@ def random_params(model_config, seed):
 def fixture_init_export(tmp_path_factory, micro, corpus_dir):
     """A params export of the micro model (one MTP head) with the test tokenizer: what SFT
     starts from."""
-    config = micro.build_config({f"model.{k}": v for k, v in micro.model.items()})
+    config = micro.build_config({f"model.{k}": v for k, v in micro.MICRO_MODEL.items()})
     model_config = model_config_from_dict(config.model)
     params = random_params(model_config, seed=7)
     return export_params(tmp_path_factory.mktemp("init") / "export", params, model_config,
@@ -86,7 +86,7 @@ def sft_config(micro, sft_data, init_path, **extra):
     """configs/sft_tiny.py on the micro model with 2 MTP heads (the second copied from the
     init's one), a few steps at a rate that moves the loss."""
     train_file, eval_file = sft_data
-    overrides = {f"model.{k}": v for k, v in micro.model.items()}
+    overrides = {f"model.{k}": v for k, v in micro.MICRO_MODEL.items()}
     overrides.update({
         "model.num_mtp_heads": 2, "sft.copy_mtp_head": True, "init_from": str(init_path),
         "data.train_sources": f"jsonl:{train_file}", "data.eval_sources": f"jsonl:{eval_file}",
@@ -274,7 +274,7 @@ def test_init_from_hf_directory_and_mtp_copy(tmp_path, micro):
     """A Hugging Face directory of a 1-head model loads as saved; with the copy option a 3-head
     run gets heads 1 and 2 equal to head 0. (transformers needs twice the global layers' KV
     heads on the sliding ones, hence 2 here.)"""
-    overrides = {f"model.{k}": v for k, v in micro.model.items()}
+    overrides = {f"model.{k}": v for k, v in micro.MICRO_MODEL.items()}
     overrides["model.sliding.num_kv_heads"] = 2
     saved_config = model_config_from_dict(micro.build_config(overrides).model)
     params = random_params(saved_config, seed=0)
@@ -341,7 +341,7 @@ def test_bad_input_fails_before_training(tmp_path, micro, sft_data, init_export)
 def test_cli_error_is_one_line(tmp_path, micro, init_export):
     """`python -m mimo_jax.train.sft` on a record without a response: one line names it."""
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "answer": "1"}] * 2)
-    overrides = {f"model.{k}": v for k, v in micro.model.items()}
+    overrides = {f"model.{k}": v for k, v in micro.MICRO_MODEL.items()}
     overrides.update({"init_from": init_export, "data.train_sources": f"jsonl:{bad}",
                       "data.eval_sources": "", "data.shuffle": False, "model.num_mtp_heads": 2,
                       "sft.copy_mtp_head": True, "train.num_devices": 1, "data.seq_len": 32,

@@ -25,7 +25,7 @@ QUICK = {"xla_backend_optimization_level": 0}
 
 @pytest.fixture(scope="module", name="setup")
 def fixture_setup(micro):
-    config = micro.build_config({f"model.{k}": v for k, v in micro.model.items()})
+    config = micro.build_config({f"model.{k}": v for k, v in micro.MICRO_MODEL.items()})
     model_config = model_config_from_dict(config.model)
     model = MiMoV2Flash(model_config)
     # A huge Adam eps makes the update proportional to the gradient (no sign flips from

@@ -1,12 +1,12 @@
-"""Shared pieces of the trainer tests: a micro model (2 layers: global+dense, sliding+MoE, one MTP
+"""Micro training runs for the tests: a micro model (2 layers: global+dense, sliding+MoE, one MTP
 head) that compiles in seconds, a small text corpus with its tokenizer, and config builders for
-in-process runs and for the command line."""
+in-process runs and for the command line. The fixtures `micro` and `corpus_dir` (conftest.py)
+hand them to test modules."""
 
 import pathlib
 
 import ml_collections
 import numpy as np
-import pytest
 
 from configs import tiny
 from mimo_jax.data import tokenizer as tokenizer_lib
@@ -51,12 +51,10 @@ def command_line(overrides: dict) -> list[str]:
     return [f"--config.{key}={value}" for key, value in overrides.items()]
 
 
-@pytest.fixture(scope="session", name="corpus_dir")
-def fixture_corpus_dir(tmp_path_factory) -> pathlib.Path:
+def make_corpus(root: pathlib.Path) -> pathlib.Path:
     """train/ and eval/ text files of a tiny Python-like language, and a tokenizer for them."""
     rng = np.random.default_rng(0)
     words = ["def", "return", "self", "x", "y", "(", ")", ":", "=", "+", "if", "else", "\n    "]
-    root = tmp_path_factory.mktemp("corpus")
     for split, count in (("train", 60), ("eval", 6)):
         (root / split).mkdir()
         for i in range(count):
@@ -65,11 +63,3 @@ def fixture_corpus_dir(tmp_path_factory) -> pathlib.Path:
     texts = (p.read_text() for p in sorted((root / "train").iterdir()))
     tokenizer_lib.train_bpe(texts, 320, 1_000_000).save(root / "tokenizer.json")
     return root
-
-
-@pytest.fixture(scope="session", name="micro")
-def fixture_micro():
-    """The helpers above, for test modules (which cannot import this conftest by name)."""
-    import types  # pylint: disable=import-outside-toplevel
-    return types.SimpleNamespace(model=MICRO_MODEL, overrides=micro_overrides,
-                                 build_config=build_config, command_line=command_line)
