@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -42,7 +42,7 @@ from mimo_jax.train.checkpoint import EXPORT_DIR, CheckpointError, Checkpointer,
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
                                   NonFiniteSteps, PlotCurves, Preemption)
-from mimo_jax.train.loop import Batches, LoopEnd, TrainingStopped, TrainLoop
+from mimo_jax.train.loop import Batches, Hook, LoopEnd, StepInfo, TrainingStopped, TrainLoop
 from mimo_jax.train.metrics import TENSORBOARD_DIR, MetricsWriter, Progress
 from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mimo_jax.train.state import TrainState, init_state, state_from_params
@@ -171,8 +171,10 @@ def step_program(configs: RunConfigs, parallelism: Parallelism, seed: int, *,
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         stop_requested: Callable[[], bool] = lambda: False,
-        log: Callable[[str], None] = print) -> RunResult:
-    """Trains (or resumes training) as `config` says, in `workdir`."""
+        log: Callable[[str], None] = print,
+        hooks: Sequence[Hook | Callable[[StepInfo], None]] = ()) -> RunResult:
+    """Trains (or resumes training) as `config` says, in `workdir`; `hooks` (a `Hook`, or a
+    function of `StepInfo`) run after every step, after the standard ones."""
     configs = build_configs(config)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     workdir = pathlib.Path(workdir).absolute()
@@ -212,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
                 data_cfg, eval_sources, tokenizer, model_cfg.vocab_size, shard)
         setup = RunSetup(configs, workdir, parallelism, checkpointer, meta, start,
                          initial_state=lambda program: program.initial_state(train_cfg.seed),
-                         eval_batches=eval_batches)
+                         eval_batches=eval_batches, hooks=tuple(hooks))
         return train(setup, batches, stop_requested, log)
     finally:
         if batches is not None:
@@ -252,6 +254,8 @@ class RunSetup:
     record_keys:    the step's metrics written to each "train" record.
     progress_keys:  the step's metrics shown on the progress line after the loss.
     count_zero_grads: the step reports `zero_grad_params`.
+    hooks:          the caller's own (a `Hook`, or a function of `StepInfo`), called after every
+                    step, after the standard hooks (e.g. a notebook's live loss plot).
     """
 
     configs: RunConfigs
@@ -265,6 +269,7 @@ class RunSetup:
     record_keys: tuple[str, ...] = TRAIN_RECORD_KEYS
     progress_keys: tuple[str, ...] = ()
     count_zero_grads: bool = False
+    hooks: Sequence[Hook | Callable[[StepInfo], None]] = ()
 
 
 class _HeldOutLoss:
@@ -344,6 +349,8 @@ def _add_hooks(loop: TrainLoop, setup: RunSetup, program: StepProgram, writer: M
                                             workdir / pipeline.TOKENIZER_FILE), every=0)
     if train_cfg.plot and jax.process_index() == 0:
         plot = loop.add_hook(PlotCurves(workdir), every=0)
+    for hook in setup.hooks:
+        loop.add_hook(hook)
     return _StandardHooks(non_finite, checkpoint, evaluation, export, plot)
 
 
