@@ -13,6 +13,7 @@ Multi-host: call `jax.distributed.initialize(...)` first (see `initialize_distri
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence
 
 import jax
@@ -91,10 +92,18 @@ def initialize_distributed(coordinator_address: str | None = None,
     """Joins a multi-process run before any other JAX call. Returns whether it did.
 
     Pass the coordinator ("host:port"), the process count and this process's id explicitly
-    (e.g. several processes on one machine), or `auto_detect=True` on Cloud TPU pods and
-    SLURM/Kubernetes GPU clusters, where JAX finds them itself. With none of these, or with one
-    process, it does nothing.
+    (e.g. several processes on one machine), or `auto_detect=True`: then the environment's
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (what `launch/` sets in its
+    Kubernetes jobs) fill what is not given, and JAX finds the rest itself on Cloud TPU pods
+    and SLURM/Kubernetes GPU clusters. With none of these, or with one process, it does nothing.
     """
+    if auto_detect:
+        env = os.environ
+        coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+        if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+            num_processes = int(env["JAX_NUM_PROCESSES"])
+        if process_id is None and env.get("JAX_PROCESS_ID"):
+            process_id = int(env["JAX_PROCESS_ID"])
     if num_processes == 1:
         return False
     explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
