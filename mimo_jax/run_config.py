@@ -25,7 +25,7 @@ from mimo_jax.config import ConfigError
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def _config_module(source: str | os.PathLike | types.ModuleType) -> types.ModuleType:
+def config_module(source: str | os.PathLike | types.ModuleType) -> types.ModuleType:
     """The module holding `get_config`: given, loaded from a .py file, or imported by name."""
     if isinstance(source, types.ModuleType):
         return source
@@ -100,7 +100,7 @@ def load_config(source: str | os.PathLike | types.ModuleType,
     import their siblings (`configs/tiny.py` imports `configs.mimo_v2_flash`) need the repository
     root on `sys.path`, as when running from it. Raises `ConfigError` naming a bad source or key.
     """
-    module = _config_module(source)
+    module = config_module(source)
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config {getattr(module, '__file__', source)!r} has no get_config()")
     config = module.get_config()
