@@ -17,14 +17,15 @@ LARGE_WINDOW = 33  # the report's 512 keys, scaled: 32 keys before the query (ti
 
 
 def base() -> ml_collections.ConfigDict:
-    """The tiny run every point starts from: 300 steps, evaluated every 100 on 8 held-out
-    batches, no checkpoint until the end (points are short and compared on their final eval)."""
+    """The tiny run every point starts from: 200 steps (~2 minutes on a 2-core CPU), evaluated
+    every 100 on 8 held-out batches, one checkpoint at the end (points are compared on their
+    final eval)."""
     config = tiny.get_config()
     config.data.eval_batches = 8
     train = config.train
-    train.steps = 300
+    train.steps = 200
     train.eval_every = 100
-    train.checkpoint_every = 300
+    train.checkpoint_every = 200
     train.log_every = 20
     return config
 
