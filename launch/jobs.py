@@ -1,27 +1,27 @@
-"""What a launched pretraining job runs, independent of XManager (so it is testable anywhere).
+"""What a launched job runs, independent of XManager (so it is testable anywhere).
 
-A job is `python -m mimo_jax.train.pretrain --config=... --workdir=... [--distributed]` plus
-config overrides; on an accelerator slice the slice name and the physical topology must agree,
-and the run's per-device memory (`mimo_jax.parallel.memory`) must fit before anything is queued.
+A training job is `python -m mimo_jax.train.<kind> --config=... --workdir=... [--distributed]`
+plus config overrides (kind: pretrain, sft, mopd); a sweep point's job is `python -m
+mimo_jax.ablate --sweep=... --points=<point> --workdir=...`. On a TPU slice the slice name and
+the physical topology must agree, and a training run's per-device memory
+(`mimo_jax.parallel.memory`) must fit before anything is queued.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
-from mimo_jax.parallel.memory import TPU_TYPES, parse_slice
 from mimo_jax.run_config import load_config
 from mimo_jax.train.memory_plan import plan_for_config
 
-ENTRYPOINT = "mimo_jax.train.pretrain"
-# XManager resource names of the TPU generations in `mimo_jax.parallel.memory.TPU_TYPES`.
-TPU_RESOURCES = {"v4": "tpu_v4", "v5p": "tpu_v5p", "v5e": "tpu_v5e", "v6e": "tpu_v6e"}
+# Job kind -> the module `python -m` runs.
+ENTRYPOINTS = {"pretrain": "mimo_jax.train.pretrain", "sft": "mimo_jax.train.sft",
+               "mopd": "mimo_jax.train.mopd", "sweep": "mimo_jax.ablate"}
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """["train.steps=10", "mesh.rules=fsdp_ep"] -> {"config.train.steps": "10", ...}."""
+    """["train.steps=10", "init_from=DIR"] -> {"config.train.steps": "10", ...}; whether each
+    key exists is checked where the config is loaded (`load_config` names a bad one)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -30,60 +30,47 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
             raise ValueError(f"override {item!r} is not 'section.key=value'")
         if key.startswith("config."):
             key = key[len("config."):]
-        if "." not in key:
-            raise ValueError(f"override {item!r} names no section (e.g. 'train.steps=10')")
         out[f"config.{key}"] = value
     return out
 
 
 @dataclasses.dataclass(frozen=True)
-class TpuRequest:
-    """A TPU slice: the XManager resource name and the topology string (e.g. "8x8x4")."""
+class Job:
+    """The command line of one job: a training run (pretrain, sft, mopd) or one sweep point."""
 
-    resource: str
-    topology: str
-    chips: int
-
-
-def tpu_request(slice_name: str, topology: str) -> TpuRequest:
-    """Checks that `topology` has as many chips as `slice_name` (e.g. v5p-512 = 256 chips)."""
-    kind = slice_name.split("-")[0]
-    if kind not in TPU_TYPES:
-        raise ValueError(f"slice {slice_name!r} is not a TPU slice ({sorted(TPU_TYPES)})")
-    chips = parse_slice(slice_name).num_devices
-    try:
-        dims = [int(d) for d in topology.lower().split("x")]
-    except ValueError as err:
-        raise ValueError(f"topology {topology!r} is not like '8x8x4'") from err
-    if math.prod(dims) != chips:
-        raise ValueError(f"topology {topology!r} has {math.prod(dims)} chips but {slice_name} "
-                         f"has {chips}")
-    return TpuRequest(TPU_RESOURCES[kind], topology.lower(), chips)
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainJob:
-    """The command-line arguments of one pretraining job."""
-
-    config: str
+    kind: str
+    config: str  # a config file, or the sweep file for kind "sweep"
     workdir: str
     overrides: tuple[str, ...] = ()
     distributed: bool = False
+    point: str | None = None  # the sweep point (kind "sweep" only)
 
-    def args(self) -> dict[str, Any]:
-        """Flag name -> value for `python -m mimo_jax.train.pretrain`."""
-        args: dict[str, Any] = {"config": self.config, "workdir": self.workdir}
+    def __post_init__(self):
+        if self.kind not in ENTRYPOINTS:
+            raise ValueError(f"job kind {self.kind!r} is not one of {sorted(ENTRYPOINTS)}")
+        if (self.kind == "sweep") != (self.point is not None):
+            raise ValueError("a sweep job names exactly one point; other jobs name none")
+
+    @property
+    def entrypoint(self) -> str:
+        return ENTRYPOINTS[self.kind]
+
+    def flags(self) -> list[str]:
+        """The command's flags, overrides last."""
+        overrides = parse_overrides(self.overrides)
+        if self.kind == "sweep":
+            return ([f"--sweep={self.config}", f"--points={self.point}",
+                     f"--workdir={self.workdir}"]
+                    + [f"--override={key[len('config.'):]}={value}"
+                       for key, value in overrides.items()])
+        flags = [f"--config={self.config}", f"--workdir={self.workdir}"]
         if self.distributed:
-            args["distributed"] = True
-        args.update(parse_overrides(self.overrides))
-        return args
+            flags.append("--distributed")
+        return flags + [f"--{key}={value}" for key, value in overrides.items()]
 
     def command(self) -> list[str]:
-        """The same as a command line (for logs and local dry runs)."""
-        flags = []
-        for key, value in self.args().items():
-            flags.append(f"--{key}" if value is True else f"--{key}={value}")
-        return ["python", "-m", ENTRYPOINT] + flags
+        """The command line, as a container or a local process runs it."""
+        return ["python", "-m", self.entrypoint] + self.flags()
 
 
 def check_memory(config_path: str, overrides: tuple[str, ...], slice_name: str,
