@@ -35,6 +35,10 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers>=5.13",
         "accelerate>=1.0",
+        # The notebooks run in the suite, each in a fresh Jupyter kernel.
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
     ],
 }
 

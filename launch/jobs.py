@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mimo_jax.run_config import load_config
+import ml_collections
+
 from mimo_jax.train.memory_plan import plan_for_config
 
 # Job kind -> the module `python -m` runs.
@@ -59,26 +60,29 @@ class Job:
         """The command's flags, overrides last."""
         overrides = parse_overrides(self.overrides)
         if self.kind == "sweep":
-            return ([f"--sweep={self.config}", f"--points={self.point}",
+            flags = [f"--sweep={self.config}", f"--points={self.point}",
                      f"--workdir={self.workdir}"]
-                    + [f"--override={key[len('config.'):]}={value}"
-                       for key, value in overrides.items()])
-        flags = [f"--config={self.config}", f"--workdir={self.workdir}"]
-        if self.distributed:
-            flags.append("--distributed")
-        return flags + [f"--{key}={value}" for key, value in overrides.items()]
+            settings = [f"--override={key[len('config.'):]}={value}"
+                        for key, value in overrides.items()]
+        else:
+            flags = [f"--config={self.config}", f"--workdir={self.workdir}"]
+            settings = [f"--{key}={value}" for key, value in overrides.items()]
+        return flags + (["--distributed"] if self.distributed else []) + settings
 
     def command(self) -> list[str]:
         """The command line, as a container or a local process runs it."""
         return ["python", "-m", self.entrypoint] + self.flags()
 
 
-def check_memory(config_path: str, overrides: tuple[str, ...], slice_name: str,
+class DoesNotFit(ValueError):
+    """A run's memory plan exceeds its slice; the message holds the plan's table."""
+
+
+def check_memory(config: ml_collections.ConfigDict, slice_name: str,
                  param_dtype: str | None = None) -> str:
-    """The plan table for the job; raises ValueError if it does not fit the slice (or if the
-    config or an override is bad: `ConfigError` is a ValueError)."""
-    config = load_config(config_path, parse_overrides(overrides))
+    """The plan table of a run config on a slice; raises DoesNotFit if the run does not fit
+    (ConfigError, also a ValueError, for a bad config)."""
     result, table = plan_for_config(config, slice_name, param_dtype=param_dtype)
     if not result.fits:
-        raise ValueError(f"the run does not fit {slice_name}:\n{table}")
+        raise DoesNotFit(f"the run does not fit {slice_name}:\n{table}")
     return table

@@ -28,12 +28,12 @@ import sys
 import time
 from typing import Any, Callable
 
+import ml_collections
 from absl import app, flags
 
 from launch import cluster, jobs, k8s
 from mimo_jax.ablation import sweep as sweep_lib
 from mimo_jax.run_config import load_config
-from mimo_jax.train.memory_plan import plan_for_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "tpu", "gpu")
@@ -85,15 +85,14 @@ def _k8s_name(title: str, xid: str, index: int | None) -> str:
     return text[:40].rstrip("-") + ("" if index is None else f"-{index}")
 
 
-def _resolved_configs(kind: str, config: str, overrides: tuple[str, ...],
-                      points: list[str]) -> dict[str | None, dict[str, Any]]:
-    """{point (None for a training job): the fully resolved config as a dict}; a bad config,
-    override or point raises ConfigError (a ValueError) before anything is launched."""
+def _resolved_configs(kind: str, config: str, overrides: tuple[str, ...], points: list[str]
+                      ) -> dict[str | None, ml_collections.ConfigDict]:
+    """{point (None for a training job): its fully resolved run config}; a bad config, override
+    or point raises ConfigError (a ValueError) before anything is launched."""
     parsed = jobs.parse_overrides(overrides)
     if kind == "sweep":
-        resolved = sweep_lib.point_configs(config, points, parsed)
-        return {name: point.to_dict() for name, point in resolved.items()}
-    return {None: load_config(config, parsed).to_dict()}
+        return sweep_lib.point_configs(config, points, parsed)
+    return {None: load_config(config, parsed)}
 
 
 def _accelerator(executor: str, slice_name: str | None, topology: str | None
@@ -109,26 +108,17 @@ def _accelerator(executor: str, slice_name: str | None, topology: str | None
     return cluster.gpu_hosts(slice_name)
 
 
-def _memory_plan(kind: str, config: str, overrides: tuple[str, ...], point: str | None,
+def _memory_plan(kind: str, run_config: ml_collections.ConfigDict, point: str | None,
                  accelerator: cluster.Accelerator, param_dtype: str | None, skip: bool) -> str:
     """The memory plan's table; raises ValueError when the job does not fit (unless `skip`)."""
     if kind == "mopd":
         return "not planned: the memory plan covers pretraining-shaped runs, MOPD runs on one device"
-    if kind == "sweep":
-        run_config = sweep_lib.point_configs(config, [point],
-                                             jobs.parse_overrides(overrides))[point]
-        result, table = plan_for_config(run_config, accelerator.slice_name,
-                                        param_dtype=param_dtype)
-        if not result.fits and not skip:
-            raise ValueError(f"sweep point {point!r} does not fit {accelerator.slice_name}:\n"
-                             f"{table}")
-        return table
     try:
-        return jobs.check_memory(config, overrides, accelerator.slice_name, param_dtype)
-    except ValueError:
+        return jobs.check_memory(run_config, accelerator.slice_name, param_dtype)
+    except jobs.DoesNotFit as err:
         if not skip:
-            raise
-        return "does not fit (launched anyway: --skip_memory_check)"
+            raise ValueError(f"sweep point {point!r}: {err}" if point else str(err)) from err
+        return f"{err}\n(launched anyway: --skip_memory_check)"
 
 
 def plan(kind: str, *, executor: str, config: str, workdir: str, overrides: tuple[str, ...] = (),
@@ -163,7 +153,7 @@ def plan(kind: str, *, executor: str, config: str, workdir: str, overrides: tupl
             "name": name, "point": point, "workdir": base + (f"/{point}" if point else ""),
             "image": image or f"(built locally from {base_image})",
             "command": job.command(), "env": {"PYTHONUNBUFFERED": "1"},
-            "config": resolved_config}
+            "config": resolved_config.to_dict()}
         if accelerator is None:
             entry["resources"] = {"hosts": 1, "gpus": local_gpus}
         else:
@@ -171,8 +161,8 @@ def plan(kind: str, *, executor: str, config: str, workdir: str, overrides: tupl
                 "hosts": accelerator.hosts,
                 "per_host": {accelerator.resource: accelerator.devices_per_host},
                 "node_selector": accelerator.node_selector}
-            entry["memory_plan"] = _memory_plan(kind, config, tuple(overrides), point,
-                                                accelerator, param_dtype, skip_memory_check)
+            entry["memory_plan"] = _memory_plan(kind, resolved_config, point, accelerator,
+                                                param_dtype, skip_memory_check)
             entry["manifest"] = k8s.jobset(name, image, job.command(), accelerator, entry["env"],
                                            labels={"experiment": xid, "kind": kind,
                                                    "point": point or ""})

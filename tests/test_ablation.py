@@ -114,5 +114,5 @@ def test_ablate_command_lists_points_and_names_bad_input():
     bad = ablate("--sweep=configs/ablations/mtp.py", "--points=mtp_7", "--workdir=/tmp/x")
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown sweep point(s) 'mtp_7'")
-    empty = ablate("--table=/nonexistent/sweep")
-    assert empty.returncode == 1 and "no trained sweep points" in empty.stderr
+    with pytest.raises(FileNotFoundError, match="no trained sweep points"):
+        table_lib.collect("/nonexistent/sweep")

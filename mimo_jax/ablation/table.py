@@ -62,7 +62,7 @@ def point_row(workdir: str | pathlib.Path) -> PointRow:
     evals = [r for r in records if r.get("kind") == "eval" and "loss" in r]
     speeds = [r["tokens_per_sec"] for r in train if r.get("tokens_per_sec")]
     rows = count_parameters(model)
-    in_totals = [row for row in rows if not row.name.startswith("MTP head")]
+    in_totals = [row for row in rows if not row.component.startswith("MTP head")]
     context = int(config["data"]["seq_len"])
     return PointRow(
         name=workdir.name, steps=max((int(r["step"]) for r in train), default=0),

@@ -18,6 +18,7 @@ import signal
 import sys
 from typing import Sequence
 
+import jax
 from absl import app, flags, logging
 
 from mimo_jax.ablation import sweep as sweep_lib
@@ -26,6 +27,7 @@ from mimo_jax.cli import run_command
 from mimo_jax.cli.training import StopFlag
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
+from mimo_jax.parallel import initialize_distributed
 from mimo_jax.train.checkpoint import CheckpointError
 from mimo_jax.train.trainer import TrainingStopped
 
@@ -36,6 +38,8 @@ _OVERRIDES = flags.DEFINE_multi_string(
     "override", [], "section.key=value set in every point, e.g. train.steps=100.")
 _LIST = flags.DEFINE_boolean("list", False, "Print the sweep's points and exit.")
 _TABLE = flags.DEFINE_string("table", None, "Tabulate the trained points under this directory.")
+_DISTRIBUTED = flags.DEFINE_boolean(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
 
 
 def _overrides(items: list[str]) -> dict[str, str]:
@@ -70,8 +74,11 @@ def _run(argv: list[str]) -> None:
             return
         if not _WORKDIR.value:
             sys.exit("error: --workdir is required with --sweep")
+        if _DISTRIBUTED.value:
+            initialize_distributed(auto_detect=True)
         stop = StopFlag()
-        signal.signal(signal.SIGTERM, stop)
+        if jax.process_count() == 1:  # multi-host: JAX's preemption service (see cli/training)
+            signal.signal(signal.SIGTERM, stop)
         done = sweep_lib.run_sweep(_SWEEP.value, _WORKDIR.value, _POINTS.value, overrides,
                                    stop_requested=lambda: stop.requested)
         if done:

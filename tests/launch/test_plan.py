@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from configs import mimo_v2_flash
+from configs import mimo_v2_flash, tiny
 from launch import jobs
 from mimo_jax.parallel.memory import GIB, parse_slice
 from mimo_jax.train.memory_plan import plan_for_config
@@ -59,8 +59,6 @@ def test_plan_command_line():
 
 def test_memory_check_refuses_a_run_that_does_not_fit():
     # the full config fits only with its 16 micro-batches; one micro-batch does not:
-    with pytest.raises(ValueError, match="does not fit"):
-        jobs.check_memory("configs/mimo_v2_flash.py", ("train.grad_accum_steps=1",),
-                          "v5p-512", "bfloat16")
-    table = jobs.check_memory("configs/tiny.py", ("train.steps=5",), "8xH100")
-    assert "fits" in table
+    with pytest.raises(jobs.DoesNotFit, match="does not fit v5p-512"):
+        jobs.check_memory(_full_config(grad_accum_steps=1), "v5p-512", "bfloat16")
+    assert "fits" in jobs.check_memory(tiny.get_config(), "8xH100")
