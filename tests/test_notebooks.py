@@ -72,10 +72,10 @@ def test_hf_interop_matches_transformers(tmp_path, monkeypatch):
 def test_ablations_notebook_tabulates_its_points(tmp_path, monkeypatch):
     result = run_notebook(
         "ablations.ipynb",
-        f"POINTS = ['window_small_sinks', 'all_global']\nOVERRIDES = {SMALL_RUN!r}\n"
+        f"POINTS = ['all_global']\nOVERRIDES = {SMALL_RUN!r}\n"
         f"WORKDIR = {str(tmp_path)!r}",
         "[[r.name, r.steps, r.eval_loss] for r in rows]", monkeypatch)
-    assert [row[:2] for row in result] == [["window_small_sinks", 3], ["all_global", 3]]
+    assert [row[:2] for row in result] == [["all_global", 3]]
     assert all(0 < row[2] < 20 for row in result)
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
 
