@@ -78,6 +78,17 @@ def zero_grad_params(grads: Any) -> jax.Array:
     return total
 
 
+def document_count(segment_ids: jax.Array) -> jax.Array:
+    """Documents in a packed batch: [B, T] segment ids (0 = padding) -> [] float32.
+
+    A document is a run of one nonzero id in a row (packing writes each document whole and in
+    one piece), as `sequence_balance_loss` counts them.
+    """
+    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), starts], axis=1)
+    return jnp.sum(starts & (segment_ids > 0), dtype=jnp.float32)
+
+
 def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
                     optimizer: optax.GradientTransformation, *, count_zero_grads: bool = False
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple]:
@@ -89,29 +100,32 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
     num_heads = model_config.num_mtp_heads
     accum = train_config.grad_accum_steps
 
-    def micro_loss(params, micro: Batch, counts: jax.Array):
+    def micro_loss(params, micro: Batch, counts: jax.Array, documents: jax.Array):
         output = model.apply({"params": params}, micro["tokens"],
                              segment_ids=micro["segment_ids"], positions=micro["positions"],
                              return_mtp=num_heads > 0)
         sums = _loss_sums(output, micro)
         # Dividing by full-batch counts here makes the summed micro-gradients exactly the
-        # gradient of the full-batch objective.
-        objective, _ = losses.total_loss(sums, counts, output.balance_loss / accum,
-                                         train_config.mtp_loss_weight,
+        # gradient of the full-batch objective: token counts for the cross-entropies, document
+        # counts for the balance loss (a mean over the batch's documents).
+        balance = output.balance_loss * document_count(micro["segment_ids"]) / documents
+        objective, _ = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                          train_config.balance_loss_weight)
-        return objective, (sums, output.balance_loss, output.expert_load)
+        return objective, (sums, balance, output.expert_load)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch,
                    learning_rate: jax.Array) -> tuple[TrainState, dict]:
         counts = _target_counts(batch, num_heads)
+        documents = jnp.maximum(document_count(batch["segment_ids"]), 1.0)
         if accum == 1:
-            (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts)
+            (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts, documents)
         else:
             def body(carry, micro):
                 grads_acc, sums_acc, balance_acc, load_acc = carry
-                (_, (sums, balance, load)), grads = grad_fn(state.params, micro, counts)
+                (_, (sums, balance, load)), grads = grad_fn(state.params, micro, counts,
+                                                            documents)
                 grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
                 return (grads_acc, sums_acc + sums, balance_acc + balance, load_acc + load), None
 
@@ -121,7 +135,6 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
                     jnp.zeros(load_shape, jnp.float32))
             (grads, sums, balance, load), _ = jax.lax.scan(
                 body, init, _micro_batches(batch, accum))
-            balance = balance / accum
         loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                         train_config.balance_loss_weight)
         new_state, grad_norm, finite = apply_gradients(
