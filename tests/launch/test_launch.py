@@ -40,7 +40,8 @@ def test_dry_runs_of_a_v5p_512_pretraining_an_mopd_job_and_a_six_point_sweep():
         ["launch/mopd.py", "--executor=gpu", "--slice=1xH200", "--workdir=gs://bucket/mopd",
          "--config=configs/mopd_mimo_v2_flash.py", "--image=gcr.io/p/mimo:1",
          "--override=init_from=gs://bucket/sft/export"],
-        ["launch/sweep.py", "--config=configs/ablations/attention.py", "--workdir=/tmp/ablate"])
+        ["launch/sweep.py", "--executor=gpu", "--slice=16xH100", "--image=gcr.io/p/mimo:1",
+         "--config=configs/ablations/attention.py", "--workdir=gs://bucket/ablate"])
 
     xid = pretrain["experiment"]["id"]
     [job] = pretrain["jobs"]
@@ -85,12 +86,19 @@ def test_dry_runs_of_a_v5p_512_pretraining_an_mopd_job_and_a_six_point_sweep():
     assert points == ["window_small_sinks", "window_small_no_sinks", "window_large_sinks",
                       "window_large_no_sinks", "hybrid_3to1", "all_global"]
     assert len({job["name"] for job in sweep["jobs"]}) == 6
-    for job in sweep["jobs"]:
+    for job in sweep["jobs"]:  # one JobSet per point: 2 hosts x 8 GPUs, jax.distributed
         assert job["command"] == ["python", "-m", "mimo_jax.ablate",
                                   "--sweep=configs/ablations/attention.py",
-                                  f"--points={job['point']}", f"--workdir=/tmp/ablate/{xid}"]
-        assert job["workdir"] == f"/tmp/ablate/{xid}/{job['point']}"
-        assert job["resources"] == {"hosts": 1, "gpus": 0} and "manifest" not in job
+                                  f"--points={job['point']}", f"--workdir=gs://bucket/ablate/{xid}",
+                                  "--distributed"]
+        assert job["workdir"] == f"gs://bucket/ablate/{xid}/{job['point']}"
+        assert job["resources"]["per_host"] == {"nvidia.com/gpu": 8}
+        [replicated] = job["manifest"]["spec"]["replicatedJobs"]
+        assert replicated["template"]["spec"]["parallelism"] == 2
+        assert replicated["template"]["spec"]["template"]["spec"]["nodeSelector"] == {
+            "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+        assert _env(job["manifest"])["JAX_NUM_PROCESSES"] == "2"
+        assert "fits" in job["memory_plan"]
     windows = {job["point"]: job["config"]["model"]["sliding"]["sliding_window"]
                for job in sweep["jobs"]}
     assert windows["window_small_sinks"] == 9 and windows["window_large_sinks"] == 33
