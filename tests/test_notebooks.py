@@ -17,6 +17,8 @@ SMALL_MODEL = {"model.num_layers": "2", "model.hidden_size": "32", "model.num_ex
                "model.num_experts_per_token": "2", "model.num_mtp_heads": "1",
                "data.seq_len": "32", "data.batch_size": "4", "data.eval_batches": "1",
                "data.tokenizer_train_bytes": "200000"}
+POST_TRAINING_MODEL = {"model.num_layers": 2, "model.hidden_size": 32, "model.num_experts": 4,
+                       "model.moe_intermediate_size": 32, "model.dense_intermediate_size": 64}
 SMALL_RUN = {**SMALL_MODEL, "train.eval_every": "3", "train.steps": "3",
              "train.checkpoint_every": "3", "train.log_every": "1"}
 
@@ -84,7 +86,7 @@ def test_post_training_notebook_runs_sft_and_mopd(tmp_path, monkeypatch):
     result = run_notebook(
         "post_training.ipynb",
         f"STUDENT_STEPS = 3\nTEACHER_STEPS = 3\nMOPD_STEPS = 2\nEVAL_PROMPTS = 4\n"
-        f"WORKDIR = {str(tmp_path)!r}", "scores", monkeypatch)
+        f"OVERRIDES = {POST_TRAINING_MODEL!r}\nWORKDIR = {str(tmp_path)!r}", "scores", monkeypatch)
     assert list(result) == ["student", "teacher (reverse_small)", "after MOPD"]
     assert all(0.0 <= acc <= 1.0 for scores in result.values() for acc in scores.values())
     records = [json.loads(line) for line in (tmp_path / "mopd/metrics.jsonl").read_text()
