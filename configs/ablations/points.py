@@ -17,7 +17,7 @@ LARGE_WINDOW = 33  # the report's 512 keys, scaled: 32 keys before the query (ti
 
 
 def base() -> ml_collections.ConfigDict:
-    """The tiny run every point starts from: 200 steps (~2 minutes on a 2-core CPU), evaluated
+    """The tiny run every point starts from: 200 steps (~5 minutes on a 2-core CPU), evaluated
     every 100 on 8 held-out batches, one checkpoint at the end (points are compared on their
     final eval)."""
     config = tiny.get_config()
