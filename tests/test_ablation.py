@@ -64,43 +64,47 @@ def test_kv_values_per_token_counts_global_layers_whole_and_sliding_ones_by_wind
 
 def test_a_sweep_trains_each_point_resumes_and_tabulates(tmp_path, micro, corpus_dir):
     overrides = micro.micro_overrides(corpus_dir, **{
-        "train.steps": 3, "train.checkpoint_every": 3, "train.eval_every": 3,
+        "train.steps": 2, "train.checkpoint_every": 2, "train.eval_every": 2,
         "train.tensorboard": False, "train.plot": False, "train.export_params": False})
+    del overrides["data.tokenizer"]  # the first point trains one, the second reuses it
     sweep_file = tmp_path / "micro_sweep.py"
+    # Two points that differ in learning rate only: one compiled program serves both.
     sweep_file.write_text(textwrap.dedent(f"""
         from configs import tiny
         OVERRIDES = {overrides!r}
 
         def get_sweep():
-            def point(window):
+            def point(learning_rate):
                 config = tiny.get_config()
                 config.update_from_flattened_dict(OVERRIDES)
-                config.model.sliding.sliding_window = window
+                config.train.learning_rate = learning_rate
                 return config
-            return {{"narrow": point(3), "wide": point(9)}}
+            return {{"slow": point(1e-3), "fast": point(1e-2)}}
     """))
     workdir = tmp_path / "sweep"
     logs = []
     done = sweep_lib.run_sweep(sweep_file, workdir, log=logs.append)
-    assert [p.name for p in done] == ["narrow", "wide"]
-    assert sweep_lib.finished(workdir / "wide", 3)
+    assert [p.name for p in done] == ["slow", "fast"]
+    assert sweep_lib.finished(workdir / "fast", 2) and not sweep_lib.finished(workdir / "fast", 3)
+    fast_config = json.loads((workdir / "fast/config.json").read_text())
+    assert fast_config["data"]["tokenizer"] == str(workdir / "slow/tokenizer.json")
     again = []
     sweep_lib.run_sweep(sweep_file, workdir, log=again.append)
-    assert again == ["[1/2] narrow: finished earlier, kept", "[2/2] wide: finished earlier, kept"]
+    assert again == ["[1/2] slow: finished earlier, kept", "[2/2] fast: finished earlier, kept"]
 
     text, plot = table_lib.write_table(workdir)
     rows = table_lib.collect(workdir)
-    assert [row.name for row in rows] == ["narrow", "wide"]
+    assert [row.name for row in rows] == ["slow", "fast"]
+    model = model_config_from_dict(fast_config["model"])
     for row in rows:
         evals = [json.loads(line) for line in (workdir / row.name / "metrics.jsonl")
                  .read_text().splitlines() if '"eval"' in line]
-        assert row.eval_loss == evals[-1]["loss"] and row.steps == 3
+        assert row.eval_loss == evals[-1]["loss"] and row.steps == 2
         assert row.tokens_per_sec > 0
-    assert rows[0].params == rows[1].params  # the window changes no parameter
-    model = model_config_from_dict(json.loads((workdir / "wide/config.json").read_text())["model"])
-    assert rows[1].kv_values_per_token == table_lib.kv_values_per_token(model, 32)
-    assert rows[0].kv_values_per_token < rows[1].kv_values_per_token
-    assert text.splitlines()[2].startswith("| narrow | 3 |") and "+0.0000" in text
+        assert row.kv_values_per_token == table_lib.kv_values_per_token(model, 32)
+    assert rows[0].params == rows[1].params
+    assert rows[0].eval_loss != rows[1].eval_loss
+    assert text.splitlines()[2].startswith("| slow | 2 |") and "+0.0000" in text
     assert plot.stat().st_size > 10_000 and (workdir / table_lib.TABLE_FILE).read_text() == text
 
 

@@ -35,7 +35,8 @@ def run_notebook(name: str, parameters: str, probe: str, monkeypatch) -> dict:
     # The kernel inherits this environment: one CPU device (as a CPU Colab runtime has, not the
     # suite's 8 simulated ones), and the suite's compilation cache.
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "")
+    # The lowest backend optimisation level compiles these small programs twice as fast.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # Started in notebooks/, a notebook finds the repository above it (as when opened there).
@@ -53,7 +54,7 @@ def run_notebook(name: str, parameters: str, probe: str, monkeypatch) -> dict:
 def test_quickstart_trains_generates_and_decodes_speculatively(tmp_path, monkeypatch):
     result = run_notebook(
         "quickstart.ipynb",
-        f"STEPS = 30\nTOKENIZER_BYTES = 200_000\nNEW_TOKENS = 12\nOVERRIDES = {SMALL_MODEL!r}\n"
+        f"STEPS = 24\nTOKENIZER_BYTES = 200_000\nNEW_TOKENS = 8\nOVERRIDES = {SMALL_MODEL!r}\n"
         f"WORKDIR = {str(tmp_path / 'run')!r}",
         "{'first': float(first), 'last': float(last), 'text': text, 'prompt': prompt, "
         "'same': bool(np.array_equal(spec_tokens, greedy)), 'acceptance': acceptance, "
@@ -85,7 +86,7 @@ def test_ablations_notebook_tabulates_its_points(tmp_path, monkeypatch):
 def test_post_training_notebook_runs_sft_and_mopd(tmp_path, monkeypatch):
     result = run_notebook(
         "post_training.ipynb",
-        f"STUDENT_STEPS = 3\nTEACHER_STEPS = 3\nMOPD_STEPS = 2\nEVAL_PROMPTS = 4\n"
+        f"STUDENT_STEPS = 3\nTEACHER_STEPS = 3\nMOPD_STEPS = 2\nEVAL_PROMPTS = 4\nEXAMPLES = 200\n"
         f"OVERRIDES = {POST_TRAINING_MODEL!r}\nWORKDIR = {str(tmp_path)!r}", "scores", monkeypatch)
     assert list(result) == ["student", "teacher (reverse_small)", "after MOPD"]
     assert all(0.0 <= acc <= 1.0 for scores in result.values() for acc in scores.values())

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from launch import cluster, jobs, launcher
@@ -41,7 +42,8 @@ def test_dry_runs_of_a_v5p_512_pretraining_an_mopd_job_and_a_six_point_sweep():
          "--config=configs/mopd_mimo_v2_flash.py", "--image=gcr.io/p/mimo:1",
          "--override=init_from=gs://bucket/sft/export"],
         ["launch/sweep.py", "--executor=gpu", "--slice=16xH100", "--image=gcr.io/p/mimo:1",
-         "--config=configs/ablations/attention.py", "--workdir=gs://bucket/ablate"])
+         "--config=configs/ablations/attention.py", "--workdir=gs://bucket/ablate",
+         "--override=mesh.dcn=data=-1"])  # the 2 hosts split the batch
 
     xid = pretrain["experiment"]["id"]
     [job] = pretrain["jobs"]
@@ -90,7 +92,7 @@ def test_dry_runs_of_a_v5p_512_pretraining_an_mopd_job_and_a_six_point_sweep():
         assert job["command"] == ["python", "-m", "mimo_jax.ablate",
                                   "--sweep=configs/ablations/attention.py",
                                   f"--points={job['point']}", f"--workdir=gs://bucket/ablate/{xid}",
-                                  "--distributed"]
+                                  "--distributed", "--override=mesh.dcn=data=-1"]
         assert job["workdir"] == f"gs://bucket/ablate/{xid}/{job['point']}"
         assert job["resources"]["per_host"] == {"nvidia.com/gpu": 8}
         [replicated] = job["manifest"]["spec"]["replicatedJobs"]
@@ -149,7 +151,11 @@ def test_a_local_launch_of_the_tiny_config_trains_and_checkpoints(tmp_path, micr
                                                "train.eval_every": 0, "data.eval_batches": 0})
     flags = [f"--override={key}={value}" for key, value in overrides.items()]
     # No docker on PATH: the launcher runs the job as a local process, and says so.
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    # One CPU device and the lowest backend optimisation level (these programs compile twice as
+    # fast), sharing the suite's compilation cache.
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable),
+               XLA_FLAGS="--xla_backend_optimization_level=0",
+               JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir)
     result = subprocess.run(
         [sys.executable, "launch/pretrain.py", "--config=configs/tiny.py",
          f"--workdir={tmp_path}", *flags], cwd=REPO, env=env, capture_output=True, text=True,
