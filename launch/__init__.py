@@ -1,1 +1,3 @@
-"""XManager launch scripts (`pretrain.py`) and the plain-Python job description they use."""
+"""XManager launch scripts (`pretrain.py`, `sft.py`, `mopd.py`, `sweep.py`) over one launcher
+(`launcher.py`), and what they build on: the command line of a job (`jobs.py`), where it runs
+(`cluster.py`: TPU slices and GPU hosts), and its Kubernetes manifest (`k8s.py`)."""

@@ -63,7 +63,11 @@ def point_configs(source: str | pathlib.Path, names: Sequence[str] | None = None
                   ) -> dict[str, ml_collections.ConfigDict]:
     """The selected points' run configs with `overrides` ({"train.steps": "50"}) applied to
     each, validated (a bad value raises ConfigError naming the point) before anything runs."""
-    sweep = load_sweep(source)
+    return _configured(load_sweep(source), names, overrides)
+
+
+def _configured(sweep: Mapping[str, ml_collections.ConfigDict], names: Sequence[str] | None,
+                overrides: Mapping[str, Any] | None) -> dict[str, ml_collections.ConfigDict]:
     configs = {}
     for name in select_points(sweep, names):
         config = sweep[name]
@@ -85,18 +89,19 @@ def finished(workdir: pathlib.Path, steps: int) -> bool:
 
 def run_sweep(source: str | pathlib.Path, workdir: str | pathlib.Path,
               names: Sequence[str] | None = None, overrides: Mapping[str, Any] | None = None,
-              run: Callable[..., trainer.RunResult] = trainer.run,
               log: Callable[[str], None] = print, **run_kwargs) -> list[pathlib.Path]:
-    """Trains the selected points into `<workdir>/<point>` in turn; returns their workdirs.
+    """Pretrains the selected points into `<workdir>/<point>` in turn; returns their workdirs.
 
-    run: the trainer (`mimo_jax.train.trainer.run`); `run_kwargs` go to it (e.g.
-    stop_requested). A point whose run already reached its last step is not run again.
+    `run_kwargs` go to `mimo_jax.train.trainer.run` (e.g. stop_requested). A point whose run
+    already reached its last step is not run again. `<workdir>/sweep.json` records the sweep's
+    every point (in order, whichever are selected: one launched job per point writes the same).
     """
     root = pathlib.Path(workdir)
-    configs = point_configs(source, names, overrides)
+    sweep = load_sweep(source)
+    configs = _configured(sweep, names, overrides)
     root.mkdir(parents=True, exist_ok=True)
     (root / SWEEP_FILE).write_text(json.dumps(
-        {"sweep": str(source), "points": list(configs),
+        {"sweep": str(source), "points": list(sweep),
          "overrides": {k: str(v) for k, v in dict(overrides or {}).items()}}, indent=1))
     tokenizers: dict[str, pathlib.Path] = {}  # data section (as JSON) -> a trained tokenizer
     done = []
@@ -109,7 +114,7 @@ def run_sweep(source: str | pathlib.Path, workdir: str | pathlib.Path,
             log(f"[{index + 1}/{len(configs)}] {name}: finished earlier, kept")
         else:
             log(f"[{index + 1}/{len(configs)}] {name} -> {point_dir}")
-            result = run(config, point_dir, **run_kwargs)
+            result = trainer.run(config, point_dir, **run_kwargs)
             if result.status != "done":
                 log(f"{name}: {result.status} at step {result.step}; rerun to resume the sweep")
                 return done
