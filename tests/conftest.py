@@ -35,26 +35,6 @@ def small_model_config(**overrides) -> ModelConfig:
     return replace_model(config, **overrides) if overrides else config
 
 
-# The test files with the slowest tests (each 1-4 minutes on 2 cores), started first, the longest
-# first: pytest-xdist hands tests out in collection order, so a long test collected last keeps one
-# worker busy after the other has finished. Whole files move, so that a file's module-scoped
-# fixtures are still built once per worker.
-SLOW_FILES_FIRST = (
-    "tests/test_notebooks.py", "tests/train/test_pretrain.py", "tests/model/test_model.py",
-    "tests/train/test_mopd.py", "tests/inference/test_rollout.py", "tests/launch/test_launch.py",
-    "tests/train/test_sft.py", "tests/inference/test_decode.py",
-    "tests/inference/test_speculative.py", "tests/train/test_step.py",
-    "tests/parallel/test_multiprocess.py", "tests/test_imports.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    """Moves the tests of `SLOW_FILES_FIRST` to the front, file by file; the rest keep their
-    order (the sort is stable)."""
-    rank = {name: index for index, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _parsed_flags():
     """Grain's worker processes read absl flags, which must be parsed (absl apps do this)."""
