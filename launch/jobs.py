@@ -13,6 +13,7 @@ import dataclasses
 
 import ml_collections
 
+from mimo_jax.run_config import parse_assignments
 from mimo_jax.train.memory_plan import plan_for_config
 
 # Job kind -> the module `python -m` runs.
@@ -21,18 +22,9 @@ ENTRYPOINTS = {"pretrain": "mimo_jax.train.pretrain", "sft": "mimo_jax.train.sft
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """["train.steps=10", "init_from=DIR"] -> {"config.train.steps": "10", ...}; whether each
-    key exists is checked where the config is loaded (`load_config` names a bad one)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"override {item!r} is not 'section.key=value'")
-        if key.startswith("config."):
-            key = key[len("config."):]
-        out[f"config.{key}"] = value
-    return out
+    """["train.steps=10", "init_from=DIR"] -> {"config.train.steps": "10", ...}: the training
+    commands' `--config.<key>` flags (`mimo_jax.run_config.parse_assignments` splits them)."""
+    return {f"config.{key}": value for key, value in parse_assignments(items).items()}
 
 
 @dataclasses.dataclass(frozen=True)

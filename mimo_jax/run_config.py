@@ -16,7 +16,7 @@ import importlib.util
 import os
 import pathlib
 import types
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -63,6 +63,20 @@ def _parse_text(key: str, text: str, current: Any) -> Any:
         raise ConfigError(f"config key {key!r} = {text!r}: expected a "
                           f"{type(current).__name__}") from err
     return text
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, str]:
+    """["train.steps=10", "init_from=DIR"] -> {"train.steps": "10", "init_from": "DIR"}: what
+    `--override` flags give, split at their first "=" (values may hold more). A leading
+    "config." is dropped. Whether a key exists is checked when it is set (`override`)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not 'section.key=value'")
+        out[key[len("config."):] if key.startswith("config.") else key] = value
+    return out
 
 
 def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

@@ -28,6 +28,7 @@ from mimo_jax.cli.training import StopFlag
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
 from mimo_jax.parallel import initialize_distributed
+from mimo_jax.run_config import parse_assignments
 from mimo_jax.train.checkpoint import CheckpointError
 from mimo_jax.train.trainer import TrainingStopped
 
@@ -40,16 +41,6 @@ _LIST = flags.DEFINE_boolean("list", False, "Print the sweep's points and exit."
 _TABLE = flags.DEFINE_string("table", None, "Tabulate the trained points under this directory.")
 _DISTRIBUTED = flags.DEFINE_boolean(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs).")
-
-
-def _overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--override {item!r} is not 'section.key=value'")
-        out[key.strip()] = value
-    return out
 
 
 def _print_table(directory: str) -> None:
@@ -67,7 +58,7 @@ def _run(argv: list[str]) -> None:
         if _TABLE.value:
             _print_table(_TABLE.value)
             return
-        overrides = _overrides(_OVERRIDES.value)
+        overrides = parse_assignments(_OVERRIDES.value)
         if _LIST.value:
             for name in sweep_lib.point_configs(_SWEEP.value, _POINTS.value, overrides):
                 print(name)
