@@ -168,7 +168,7 @@ def plan(kind: str, *, executor: str, config: str, workdir: str, overrides: tupl
                                                    "point": point or ""})
         planned.append(entry)
     return {"experiment": {"title": title, "id": xid, "executor": executor, "kind": kind,
-                           "dockerfile": dockerfile(base_image, extra)},
+                           "extra": extra, "dockerfile": dockerfile(base_image, extra)},
             "jobs": planned}
 
 
@@ -198,7 +198,7 @@ def _run_in_docker(make_plan: Callable[[str], dict[str, Any]], kind: str, title:
     with xm_local.create_experiment(experiment_title=title) as experiment:
         launch = make_plan(str(experiment.experiment_id))
         # XManager stages the repository as a folder of its own name in the build context.
-        steps = docker_steps("gpu" if local_gpus else "", f"{REPO_ROOT.name}/")
+        steps = docker_steps(launch["experiment"]["extra"], f"{REPO_ROOT.name}/")
         [executable] = experiment.package([xm.python_container(
             executor_spec=xm_local.Local.Spec(), path=str(REPO_ROOT), base_image=base_image,
             docker_instructions=steps, entrypoint=xm.ModuleName(jobs.ENTRYPOINTS[kind]),
@@ -238,6 +238,7 @@ def main_for(kind: str) -> None:
             raise app.UsageError("--config and --workdir are required")
         if _POINTS.value and kind != "sweep":
             raise app.UsageError("--points belongs to sweep.py")
+
         def make_plan(xid: str | None = None) -> dict[str, Any]:
             return plan(kind, executor=_EXECUTOR.value, config=_CONFIG.value,
                         workdir=_WORKDIR.value, overrides=tuple(_OVERRIDES.value),
