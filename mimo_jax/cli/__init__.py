@@ -20,6 +20,7 @@ flags (called once, by the command's own module), `run_trainer` runs one with on
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -35,3 +36,18 @@ def run_command(program: Callable[[list[str]], None], argv: Sequence[str] | None
     for flag in flags.FLAGS.get_key_flags_for_module(program.__module__):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     app.run(program, argv=None if argv is None else list(argv))
+
+
+def exit_after_run(message: str) -> None:
+    """Ends a command whose run has begun with `message` as its last line on stderr (status 1).
+
+    The run has already stopped its data workers and waited for its checkpoints; what Orbax's
+    and Grain's background threads may still print while the interpreter tears them down
+    (e.g. `RuntimeError: cannot schedule new futures after shutdown`) would bury the one line
+    that says what went wrong, so stderr is closed after it.
+    """
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stderr.fileno())
+    sys.exit(1)

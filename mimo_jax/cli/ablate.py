@@ -23,7 +23,7 @@ from absl import app, flags, logging
 
 from mimo_jax.ablation import sweep as sweep_lib
 from mimo_jax.ablation import table as table_lib
-from mimo_jax.cli import run_command
+from mimo_jax.cli import exit_after_run, run_command
 from mimo_jax.cli.training import StopFlag
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
@@ -75,9 +75,9 @@ def _run(argv: list[str]) -> None:
         if done:
             _print_table(_WORKDIR.value)
     except (ConfigError, DataError, CheckpointError, TrainingStopped, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        exit_after_run(f"error: {err}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: finished points are kept; rerun the command to resume the sweep")
+        exit_after_run("interrupted: finished points are kept; rerun the command to resume the sweep")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

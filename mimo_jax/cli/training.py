@@ -13,7 +13,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mimo_jax.cli import run_command
+from mimo_jax.cli import exit_after_run, run_command
 from mimo_jax.config import ConfigError
 from mimo_jax.data.errors import DataError
 from mimo_jax.parallel import initialize_distributed
@@ -61,9 +61,9 @@ def run_trainer(run: Trainer, config: ml_collections.ConfigDict | None, workdir:
     try:
         result = run(config, workdir, stop_requested=lambda: stop.requested)
     except (ConfigError, DataError, CheckpointError, trainer.TrainingStopped) as err:
-        sys.exit(f"error: {err}")
+        exit_after_run(f"error: {err}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: checkpoints written so far are kept; rerun the command to resume")
+        exit_after_run("interrupted: checkpoints written so far are kept; rerun the command to resume")
     for line in trainer.summary_lines(result):
         print(line)
 

@@ -353,4 +353,4 @@ def test_cli_error_is_one_line(tmp_path, micro, init_export):
         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: SFT file '{bad}' line 1 has no field 'response'")
+        f"error: SFT file '{bad}' line 1 has no field 'response'"), result.stderr[-3000:]
