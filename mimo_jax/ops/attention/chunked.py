@@ -46,6 +46,9 @@ def chunked_attention(q, k, v, *, sinks=None, window=None, segment_ids=None,
     if window is None:
         k_pos = jnp.broadcast_to(positions, (b, padded_t))
 
+        # Rematerialised in the backward pass: only one chunk's [C, T] probabilities are alive
+        # at a time, not every chunk's (which would be O(T^2) memory).
+        @jax.checkpoint
         def one_chunk(args):
             qc, qs, qp = args
             mask = attention_mask(jnp.broadcast_to(qp, (b, c)), k_pos, qs, segments, None)

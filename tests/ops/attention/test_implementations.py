@@ -143,3 +143,20 @@ def test_kv_cache_attention_in_chunks_matches_reference(seed, window):
         q, k, v, sinks, jnp.asarray(positions >= 0, jnp.int32))
     assert relative_error(got, want) <= 1e-5, f"seed {seed}"
     np.testing.assert_array_equal(got[1, t - 4:], 0.0)
+
+
+def test_chunked_full_causal_backward_memory_is_linear_in_length():
+    """The chunked path's full-causal backward keeps one chunk's [C, T] probabilities at a time:
+    doubling T roughly doubles the compiled program's temporary memory (O(T * C)), and at
+    T = 2048 it stays far below the [T, T] probabilities a non-rematerialised pass keeps."""
+    def temp_bytes(t: int) -> int:
+        q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+        kv = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
+        grad = jax.grad(lambda q, k, v: attention_ops.chunked_attention(
+            q, k, v, chunk_size=64).sum(), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(1024), temp_bytes(2048)
+    assert large <= 2.2 * small, (small, large)
+    probabilities = 2 * 2048 * 2048 * 4  # heads x T x T float32
+    assert large <= probabilities / 4, (large, probabilities)
