@@ -50,7 +50,8 @@ class MoE(nn.Module):
         router's own choice, which the correction bias and the balance loss steer whether or not
         a routing is replayed; `indices` [B, T, k] int32 the experts each token ran and
         `router_indices` [B, T, k] int32 the router's own choice (equal without replay), -1 on
-        padding.
+        padding; `dropped` [] int32 the token copies the expert capacity dropped (always 0
+        without expert parallelism or with capacity factor 0).
         """
         b, t, d = x.shape
         e, f, k = self.num_experts, self.intermediate_size, self.top_k
@@ -78,7 +79,7 @@ class MoE(nn.Module):
             indices = moe_ops.replayed_indices(routing.reshape(b * t, k), chosen)
             weights = moe_ops.gate_weights(scores, indices, normalize=True,
                                            scaling=self.routed_scaling_factor)
-        y = moe_ops.dispatch(
+        y, dropped = moe_ops.dispatch(
             x.astype(self.dtype), weights.reshape(b, t, -1), indices.reshape(b, t, -1),
             w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
             impl=self.impl, token_mask=segment_ids > 0,
@@ -86,7 +87,7 @@ class MoE(nn.Module):
             # experts over them (without a mesh it is the local dispatch).
             mesh_axes=(nn.logical_to_mesh_axes(("batch", "length", "embed")),
                        nn.logical_to_mesh_axes(("experts", "embed", "mlp"))),
-            options=self.expert_options)
+            options=self.expert_options, with_drops=True)
         real = (segment_ids > 0)[..., None]
         stats = {
             "load": moe_ops.expert_load(chosen, (segment_ids > 0).reshape(-1), e),
@@ -94,5 +95,6 @@ class MoE(nn.Module):
                 scores.reshape(b, t, e), chosen.reshape(b, t, k), segment_ids, k),
             "indices": jnp.where(real, indices.reshape(b, t, k), -1),
             "router_indices": jnp.where(real, chosen.reshape(b, t, k), -1),
+            "dropped": dropped,
         }
         return y, stats

@@ -44,6 +44,8 @@ class ModelOutput:
       under routing replay), -1 on padding.
     router_choice: [B, T, L, k] int32, the router's own top-k (equal to `routing` without replay;
       `mimo_jax.ops.moe.replay_mismatch` compares the two), -1 on padding.
+    dropped_copies: [L] int32, token copies each MoE layer's expert capacity dropped (0 unless
+      expert parallelism runs with a capacity factor > 0).
     """
 
     logits: jax.Array
@@ -53,6 +55,7 @@ class ModelOutput:
     balance_loss: jax.Array
     routing: jax.Array
     router_choice: jax.Array
+    dropped_copies: jax.Array
 
 
 @flax.struct.dataclass
@@ -271,14 +274,17 @@ class MiMoV2Flash(nn.Module):
         if moe_stats:
             load = jnp.stack([s["load"] for s in moe_stats])
             balance = sum(s["balance_loss"] for s in moe_stats)
+            dropped = jnp.stack([s["dropped"] for s in moe_stats])
         else:
             load = jnp.zeros((0, cfg.num_experts), jnp.float32)
             balance = jnp.zeros((), jnp.float32)
+            dropped = jnp.zeros((0,), jnp.int32)
         return ModelOutput(logits=logits, hidden=hidden, mtp_logits=mtp_logits,
                            expert_load=load, balance_loss=balance,
                            routing=self._stack_routing(moe_stats, "indices", tokens.shape),
                            router_choice=self._stack_routing(moe_stats, "router_indices",
-                                                             tokens.shape))
+                                                             tokens.shape),
+                           dropped_copies=dropped)
 
     def _stack_routing(self, moe_stats: list[dict], key: str, shape: tuple) -> jax.Array:
         """Per-layer [B, T, k] expert ids `key` of the stats -> [B, T, L, k] int32."""

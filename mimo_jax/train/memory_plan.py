@@ -15,7 +15,8 @@ import functools
 
 import ml_collections
 
-from mimo_jax.config import ConfigError, model_config_from_dict, with_runtime
+from mimo_jax.config import ConfigError, ModelConfig, model_config_from_dict, with_runtime
+from mimo_jax.ops.moe.expert_parallel import dropless_capacity_factor
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MESH_AXES, MeshConfig, mesh_config_from_dict
 from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
@@ -84,9 +85,27 @@ def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
                  if runtime.moe_impl == "expert_parallel" else ""))
     table = format_plan(plan, header)
     split = expert_axes(mesh_config, plan.axis_sizes)
+    if split and runtime.moe_impl == "expert_parallel":
+        table += "\n" + capacity_note(model_config)
     if split and runtime.moe_impl != "expert_parallel":
         table += (f"\nnote: experts are split over {split} but model.runtime.moe_impl="
                   f"{runtime.moe_impl!r}; set --config.model.runtime.moe_impl=expert_parallel so "
                   "tokens travel to the experts instead of the compiler gathering every "
                   "expert's weights")
     return plan, table
+
+
+def capacity_note(model_config: ModelConfig) -> str:
+    """One line on what the expert capacity drops (`ops/moe/expert_parallel.py`)."""
+    runtime, k, e = model_config.runtime, model_config.num_experts_per_token, model_config.num_experts
+    dropless = dropless_capacity_factor(k, e)
+    if runtime.expert_capacity_factor == 0:
+        return "expert capacity: dropless (capacity factor 0; the worst-case receive buffer)"
+    if runtime.expert_capacity_factor >= dropless:
+        return (f"expert capacity: factor {runtime.expert_capacity_factor:g} >= E/k = "
+                f"{dropless:g}, dropless")
+    return (f"expert capacity: factor {runtime.expert_capacity_factor:g} may drop token copies: a "
+            f"shard sends each expert at most ceil({runtime.expert_capacity_factor:g} x local "
+            f"tokens x {k} / {e}) copies, those of the largest gate weights (the rest count as "
+            f"train metric dropped_copies; evaluation is dropless); never drops at factor 0 or "
+            f">= E/k = {dropless:g}")

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mimo_jax.config import ModelConfig
+from mimo_jax.config import ModelConfig, with_runtime
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.train import losses, sft_loss
 from mimo_jax.train.config import TrainConfig
@@ -111,7 +111,7 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
         balance = output.balance_loss * document_count(micro["segment_ids"]) / documents
         objective, _ = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                          train_config.balance_loss_weight)
-        return objective, (sums, balance, output.expert_load)
+        return objective, (sums, balance, output.expert_load, output.dropped_copies)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -120,20 +120,19 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
         counts = _target_counts(batch, num_heads)
         documents = jnp.maximum(document_count(batch["segment_ids"]), 1.0)
         if accum == 1:
-            (_, (sums, balance, load)), grads = grad_fn(state.params, batch, counts, documents)
+            (_, (sums, balance, load, dropped)), grads = grad_fn(state.params, batch, counts,
+                                                                 documents)
         else:
             def body(carry, micro):
-                grads_acc, sums_acc, balance_acc, load_acc = carry
-                (_, (sums, balance, load)), grads = grad_fn(state.params, micro, counts,
-                                                            documents)
-                grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-                return (grads_acc, sums_acc + sums, balance_acc + balance, load_acc + load), None
+                (_, aux), grads = grad_fn(state.params, micro, counts, documents)
+                return jax.tree.map(jnp.add, carry, (grads, *aux)), None
 
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            load_shape = (len(model_config.moe_layers), model_config.num_experts)
+            layers = len(model_config.moe_layers)
             init = (zeros, jnp.zeros((num_heads + 1,), jnp.float32), jnp.zeros((), jnp.float32),
-                    jnp.zeros(load_shape, jnp.float32))
-            (grads, sums, balance, load), _ = jax.lax.scan(
+                    jnp.zeros((layers, model_config.num_experts), jnp.float32),
+                    jnp.zeros((layers,), jnp.int32))
+            (grads, sums, balance, load, dropped), _ = jax.lax.scan(
                 body, init, _micro_batches(batch, accum))
         loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,
                                         train_config.balance_loss_weight)
@@ -143,7 +142,8 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
         metrics = dict(parts, loss=loss, grad_norm=grad_norm, finite=finite,
                        learning_rate=learning_rate,
                        tokens=jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32),
-                       expert_load=load, max_load_violation=_max_load_violation(load))
+                       expert_load=load, max_load_violation=_max_load_violation(load),
+                       dropped_copies=jnp.sum(dropped))
         if count_zero_grads:
             metrics["zero_grad_params"] = zero_grad_params(grads)
         return new_state, metrics
@@ -183,8 +183,10 @@ def _max_load_violation(load: jax.Array) -> jax.Array:
 
 def make_eval_step(model: MiMoV2Flash, model_config: ModelConfig) -> Callable[[Any, Batch], dict]:
     """eval_step(params, batch) -> {"sums": [1 + M], "counts": [1 + M]} for summing over batches
-    (response targets only when the batch has a `loss_mask`)."""
+    (response targets only when the batch has a `loss_mask`). Evaluation is dropless: the expert
+    capacity, which training may clip, is lifted (capacity factor 0)."""
     num_heads = model_config.num_mtp_heads
+    model = model.clone(config=with_runtime(model.config, expert_capacity_factor=0.0))
 
     def eval_step(params, batch: Batch) -> dict:
         output = model.apply({"params": params}, batch["tokens"],

@@ -56,7 +56,7 @@ __all__ = ["CONFIG_FILE", "TRAIN_RECORD_KEYS", "RunConfigs", "RunResult", "RunSe
 CONFIG_FILE = "config.json"
 # The pretraining step's metrics that go into each "train" record of metrics.jsonl.
 TRAIN_RECORD_KEYS = ("loss", "ce", "mtp", "balance", "grad_norm", "learning_rate",
-                     "max_load_violation")
+                     "max_load_violation", "dropped_copies")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,9 +328,12 @@ def _add_hooks(loop: TrainLoop, setup: RunSetup, program: StepProgram, writer: M
     """The standard hooks in their order: log the step, the non-finite rule, save, preemption,
     evaluate; export and plot at the end."""
     train_cfg, workdir, checkpointer = setup.configs.train, setup.workdir, setup.checkpointer
+    runtime = setup.configs.model.runtime
+    can_drop = runtime.moe_impl == "expert_parallel" and runtime.expert_capacity_factor > 0
     loop.add_hook(MetricsLog(writer, progress, steps=train_cfg.steps,
                              log_every=train_cfg.log_every, record_keys=setup.record_keys,
-                             progress_keys=setup.progress_keys))
+                             progress_keys=setup.progress_keys + (
+                                 ("dropped_copies",) if can_drop else ())))
     non_finite = loop.add_hook(NonFiniteSteps(train_cfg.max_nan_steps, checkpointer,
                                               progress.message))
     checkpoint = loop.add_hook(Checkpoint(checkpointer, setup.meta, last_saved=setup.start or None),

@@ -32,6 +32,8 @@ def test_full_model_fits_v5p_512_with_fsdp_and_experts_in_bf16():
     assert abs(rows["optimizer state"] / (4 * rows["params"]) - 1) < 0.01
     assert plan.fits and plan.total < 80 * GIB
     assert "fits: " in table and "v5p-512" in table
+    assert "expert capacity: factor 1.25 may drop token copies" in table
+    assert "never drops at factor 0 or >= E/k = 32" in table
 
 
 def test_a_full_batch_without_micro_batches_does_not_fit():

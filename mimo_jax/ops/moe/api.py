@@ -66,14 +66,15 @@ def _gathered(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axe
 
 
 def _expert_parallel(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes,
-                     options):
+                     options, with_drops=False):
     if x.ndim != 3:
         raise ValueError(f"expert-parallel dispatch needs tokens [B, T, D], got shape {x.shape}")
     token_spec, weight_spec = (P(), P()) if mesh_axes is None else mesh_axes
     return expert_parallel.dispatch(x, weights, indices, w_gate, w_up, w_down,
                                     token_mask=token_mask, token_spec=token_spec,
                                     weight_spec=weight_spec,
-                                    options=options or expert_parallel.ExpertParallelOptions())
+                                    options=options or expert_parallel.ExpertParallelOptions(),
+                                    with_drops=with_drops)
 
 
 # name -> fn(x, weights, indices, w_gate, w_up, w_down, *, token_mask, mesh_axes, options), the
@@ -93,7 +94,8 @@ _ONE_DEVICE = ("dense", "ragged", "blocked")
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
              w_up: jax.Array, w_down: jax.Array, *, impl: str = "dense",
              token_mask: jax.Array | None = None, mesh_axes: tuple | None = None,
-             options: expert_parallel.ExpertParallelOptions | None = None) -> jax.Array:
+             options: expert_parallel.ExpertParallelOptions | None = None,
+             with_drops: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Runs the routed experts: sum over a token's k experts of gate weight x SwiGLU expert.
 
     Args:
@@ -108,6 +110,8 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
         over the axes of the second one's first entry. The one-device backends ignore it.
       options: expert_parallel's receive-buffer capacity and transport (the model's
         `RuntimeConfig`; None = dropless, transport by backend). The others ignore it.
+      with_drops: also return how many token copies the expert capacity dropped ([] int32;
+        always 0 for the one-device backends, which are dropless).
     Returns x's shape and dtype.
     """
     if impl not in IMPLEMENTATIONS:
@@ -116,5 +120,9 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     if impl in _ONE_DEVICE and reads_fewer_weights(num_tokens, indices.shape[-1],
                                                    w_gate.shape[0]):
         impl = "gathered"
-    return IMPLEMENTATIONS[impl](x, weights, indices, w_gate, w_up, w_down,
-                                 token_mask=token_mask, mesh_axes=mesh_axes, options=options)
+    if impl == "expert_parallel":
+        return _expert_parallel(x, weights, indices, w_gate, w_up, w_down, token_mask=token_mask,
+                                mesh_axes=mesh_axes, options=options, with_drops=with_drops)
+    y = IMPLEMENTATIONS[impl](x, weights, indices, w_gate, w_up, w_down,
+                              token_mask=token_mask, mesh_axes=mesh_axes, options=options)
+    return (y, jnp.zeros((), jnp.int32)) if with_drops else y

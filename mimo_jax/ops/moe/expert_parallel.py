@@ -12,9 +12,13 @@ axes that split the experts) and its own tokens. Per shard:
   5. send the results back the same way (`ragged_all_to_all` with the offsets swapped), unsort,
      weight by the gates and sum the k copies of each token.
 
-Receive buffer: R = ceil(capacity_factor * T * k) rows (the expected copies per shard when the
-load is balanced); a copy past the buffer is dropped (its contribution is zero). Capacity factor 0
-means dropless: R = P * T * min(k, E/P), the most copies that can land on one shard.
+Capacity: with capacity factor c > 0, every source shard may send each expert at most
+q = ceil(c * T * k / E) copies (c times its share under a balanced load), so a receive buffer of
+R = (E/P) * P * q rows always suffices. When a source has more copies for an expert, it keeps
+those with the largest gate weights (ties: the earlier copy) and drops the rest: their
+contribution is zero. The rule never depends on an expert's or a shard's index. Capacity factor 0
+means dropless: nothing is clipped and R = P * T * min(k, E/P), the most copies that can land on
+one shard. `dispatch(..., with_drops=True)` also returns how many copies were dropped.
 
 Transport: `ragged_all_to_all` on TPU and GPU. XLA:CPU has no ragged all-to-all, so "all_to_all"
 runs the same exchange as a padded dense `all_to_all` plus a scatter, with the identical contract
@@ -38,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mimo_jax.ops.moe.ragged import ragged_dispatch, sort_by_expert
+from mimo_jax.ops.moe.ragged import ragged_dispatch
 from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
 TRANSPORTS = ("auto", "ragged_all_to_all", "all_to_all")
@@ -64,14 +68,28 @@ def _exclusive_cumsum(x: jax.Array, axis: int = 0) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
+def expert_quota(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int | None:
+    """The most copies one source shard of `tokens` local tokens sends one expert (None:
+    dropless). Past T copies nothing is dropped: a token picks an expert at most once."""
+    if capacity_factor == 0:
+        return None
+    return min(tokens, max(1, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+
+
 def receive_capacity(tokens: int, top_k: int, num_shards: int, experts_per_shard: int,
                      capacity_factor: float) -> int:
     """Rows R of one shard's receive buffer for `tokens` local tokens (see the module docstring)."""
     worst = num_shards * tokens * min(top_k, experts_per_shard)
-    if capacity_factor == 0:
+    quota = expert_quota(tokens, top_k, num_shards * experts_per_shard, capacity_factor)
+    if quota is None:
         return worst
-    expected = math.ceil(capacity_factor * tokens * top_k)
-    return max(1, min(worst, -(-expected // 8) * 8))  # whole sublanes of 8 rows
+    return min(worst, num_shards * experts_per_shard * quota)
+
+
+def dropless_capacity_factor(top_k: int, num_experts: int) -> float:
+    """The smallest capacity factor > 0 that can never drop a copy: a quota of T copies (every
+    local token to the same expert), i.e. E / k."""
+    return num_experts / top_k
 
 
 def ragged_all_to_all_dense(operand: jax.Array, output: jax.Array, input_offsets: jax.Array,
@@ -120,11 +138,12 @@ def _transport(name: str):
 
 
 def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expert_axes,
-                   capacity_factor: float, transport: str) -> jax.Array:
+                   capacity_factor: float, transport: str) -> tuple[jax.Array, jax.Array]:
     """The per-shard body: exchange, grouped matmuls, exchange back, combine.
 
     tokens [T, D]; weights, indices [T, k]; mask [T] bool; w_gate, w_up [E/P, D, F'];
-    w_down [E/P, F', D] (F' = F or its local part). Returns [T, D] float32.
+    w_down [E/P, F', D] (F' = F or its local part). Returns [T, D] float32 and the number of
+    this shard's copies that were dropped [] int32.
     """
     num_tokens, top_k = indices.shape
     local_experts = w_gate.shape[0]
@@ -133,24 +152,29 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     num_experts = local_experts * num_shards
     send = _transport(transport)
 
-    # 1. Sort the copies by expert; padding copies get expert id E and sort last, unsent.
-    order, counts, sorted_expert = sort_by_expert(
-        jnp.where(mask[:, None], indices, num_experts), num_experts + 1)
-    counts = counts[:num_experts]
+    # 1. Sort the copies by expert, and within an expert by falling gate weight (what a full
+    #    quota keeps is the head of each slice); padding copies get expert id E and sort last,
+    #    unsent.
+    expert_of_copy = jnp.where(mask[:, None], indices, num_experts).reshape(-1)
+    order = jnp.lexsort((-weights.reshape(-1), expert_of_copy))
+    sorted_expert = expert_of_copy[order]
+    counts = jnp.bincount(expert_of_copy, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     token_of_copy = order // top_k
     sorted_copies = jnp.take(tokens, token_of_copy, axis=0)  # [T*k, D]
     send_offsets = _exclusive_cumsum(counts)  # [E]
 
-    # 2. What each shard receives: incoming[s, l] copies from source s for local expert l, laid
-    #    out expert-major then source, and clipped to the buffer.
+    # 2. What each shard receives: accepted[s, l] copies from source s for local expert l (at
+    #    most the quota), laid out expert-major then source.
     capacity = receive_capacity(num_tokens, top_k, num_shards, local_experts, capacity_factor)
+    quota = expert_quota(num_tokens, top_k, num_experts, capacity_factor)
     incoming = jax.lax.all_to_all(counts, axis, 0, 0, tiled=True).reshape(num_shards,
                                                                           local_experts)
-    expert_start = _exclusive_cumsum(jnp.sum(incoming, axis=0))  # [E/P]
-    receive_offsets = expert_start[None, :] + _exclusive_cumsum(incoming, axis=0)  # [P, E/P]
-    accepted = jnp.clip(capacity - receive_offsets, 0, incoming).astype(jnp.int32)
-    # Slices that got nothing keep an offset inside the buffer (their size is 0 anyway).
-    receive_offsets = jnp.minimum(receive_offsets, capacity).astype(jnp.int32)
+    accepted = incoming if quota is None else jnp.minimum(incoming, quota)
+    dropped = jnp.sum(incoming - accepted).astype(jnp.int32)
+    expert_start = _exclusive_cumsum(jnp.sum(accepted, axis=0))  # [E/P]
+    receive_offsets = (expert_start[None, :] + _exclusive_cumsum(accepted, axis=0)).astype(
+        jnp.int32)  # [P, E/P]
+    accepted = accepted.astype(jnp.int32)
     group_sizes = jnp.sum(accepted, axis=0).astype(jnp.int32)  # [E/P]
     # The senders learn where their slices go and how much of each is accepted.
     send_sizes = jax.lax.all_to_all(accepted.reshape(-1), axis, 0, 0, tiled=True)
@@ -175,15 +199,17 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
                     axis_name=axis, num_shards=num_shards)
     copy_weight = jnp.take(weights.reshape(-1), order) * (sorted_expert < num_experts)
     weighted = returned.astype(jnp.float32) * copy_weight[:, None]
-    return jax.ops.segment_sum(weighted, token_of_copy, num_segments=num_tokens)
+    return jax.ops.segment_sum(weighted, token_of_copy, num_segments=num_tokens), dropped
 
 
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
              w_up: jax.Array, w_down: jax.Array, *, token_mask: jax.Array | None,
              token_spec: P, weight_spec: P,
              options: ExpertParallelOptions,
-             mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
-    """Expert-parallel routed experts. Returns [B, T, D] in x's dtype.
+             mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+             with_drops: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Expert-parallel routed experts. Returns [B, T, D] in x's dtype (and with `with_drops`,
+    the number of token copies the capacity dropped, [] int32, summed over the mesh).
 
     Args:
       x: [B, T, D] tokens. weights, indices: [B, T, k] gate weights and expert ids (from
@@ -198,6 +224,14 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     Without a mesh, or when the experts are not split, this is the local dropless dispatch
     (`ragged.ragged_dispatch`) with padding outputs zeroed: the same result.
     """
+    y, dropped = _dispatch(x, weights, indices, w_gate, w_up, w_down, token_mask=token_mask,
+                           token_spec=token_spec, weight_spec=weight_spec, options=options,
+                           mesh=mesh)
+    return (y, dropped) if with_drops else y
+
+
+def _dispatch(x, weights, indices, w_gate, w_up, w_down, *, token_mask, token_spec, weight_spec,
+              options, mesh):
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     b, t, d = x.shape
     if token_mask is None:
@@ -208,7 +242,8 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:
         y = ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
                             indices.reshape(b * t, -1), w_gate, w_up, w_down)
-        return jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
+        y = jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
+        return y, jnp.zeros((), jnp.int32)
     if w_gate.shape[0] % math.prod(sizes[a] for a in expert_axes):
         raise ValueError(f"{w_gate.shape[0]} experts do not split over mesh axes {expert_axes} "
                          f"of sizes {[sizes[a] for a in expert_axes]}")
@@ -239,7 +274,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
         w_gate = gather(gather(w_gate, d_axes, 1), f_gather, 2)
         w_up = gather(gather(w_up, d_axes, 1), f_gather, 2)
         w_down = gather(gather(w_down, d_axes, 2), f_gather, 1)
-        y = _local_experts(x.reshape(bl * tl, d), weights.reshape(bl * tl, -1),
+        y, dropped = _local_experts(x.reshape(bl * tl, d), weights.reshape(bl * tl, -1),
                            indices.reshape(bl * tl, -1), mask.reshape(-1), w_gate, w_up, w_down,
                            expert_axes=expert_axes, capacity_factor=options.capacity_factor,
                            transport=options.transport)
@@ -250,11 +285,13 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
             part = d // math.prod(jax.lax.axis_size(a) for a in x_model_axes)
             y = jax.lax.dynamic_slice_in_dim(
                 y, jax.lax.axis_index(collective_axis(x_model_axes)) * part, part, axis=2)
-        return y
+        # Each copy is counted once, by its receiver; shards that differ only outside the token
+        # axes hold the same tokens and count the same copies.
+        return y, jax.lax.psum(dropped, collective_axis(tuple(sorted(token_axes))))
 
     bt = P(token_spec[0], token_spec[1])
     routed = P(token_spec[0], token_spec[1], None)
     in_specs = (token_spec, routed, routed, bt, weight_spec, weight_spec,
                 P(weight_spec[0], weight_spec[2], weight_spec[1]))
-    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=token_spec)
+    mapped = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=(token_spec, P()))
     return mapped(x, weights, indices, token_mask, w_gate, w_up, w_down)

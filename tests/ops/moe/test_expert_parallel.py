@@ -1,5 +1,5 @@
-"""What is particular to expert-parallel dispatch (`ops/moe/expert_parallel.py`): dropping past a
-small receive buffer (against numpy), the dense stand-in's `ragged_all_to_all` contract, and the
+"""What is particular to expert-parallel dispatch (`ops/moe/expert_parallel.py`): the capacity's
+drop rule and drop count (against numpy), the dense stand-in's `ragged_all_to_all` contract, and the
 ragged transport in the lowered program, and the options travelling from the model's runtime
 config through the MoE layer. Values and gradients against the dense twin are in the shared cases
 of test_dispatch.py."""
@@ -36,35 +36,43 @@ def _problem(seed: int = 0):
             (w_gate, w_up, w_down))
 
 
-def _expert_parallel(parallelism, options):
+def _skewed_problem(seed: int):
+    """Tokens, gate weights and expert ids where expert 0 is in most tokens' top-k (a router
+    logit bias of +3), with random padding: a load that overflows any balanced capacity."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(keys[0], (B, T, D))
+    logits = jax.random.normal(keys[1], (B * T, E)).at[:, 0].add(3.0)
+    weights, indices, _ = moe_ops.route(logits, jnp.zeros(E), K)
+    mask = np.asarray(jax.random.uniform(keys[2], (B, T)) > 0.2)
+    return x, weights.reshape(B, T, K), indices.reshape(B, T, K), jnp.asarray(mask)
+
+
+def _expert_parallel(parallelism, options, with_drops=False):
     token_spec = mesh_axes(("batch", "length", "embed"), parallelism.rules)
     weight_spec = mesh_axes(("experts", "embed", "mlp"), parallelism.rules)
 
     def run(x, weights, indices, mask, w):
         return ep.dispatch(x, weights, indices, *w, token_mask=mask, token_spec=token_spec,
-                           weight_spec=weight_spec, options=options)
+                           weight_spec=weight_spec, options=options, with_drops=with_drops)
     return run
 
 
-def _dropping_reference(x, weights, indices, mask, w, shards, capacity):
-    """numpy: what each receiver keeps (local expert major, then source shard, then sorted order
-    within the source) when it holds `capacity` rows; the output sums the kept copies."""
+def _dropping_reference(x, weights, indices, mask, w, shards, quota):
+    """numpy: each source shard keeps, for each expert, its `quota` copies of the largest gate
+    weight (ties: the earlier copy) and drops the rest; the output sums the kept copies.
+    Returns the output, the kept and the real copy counts."""
     x, weights, indices, mask = map(np.asarray, (x, weights, indices, mask))
     tokens = x.reshape(shards, -1, D)  # shard s holds rows [s*B/shards, ...)
     flat_w, flat_i = weights.reshape(shards, -1, K), indices.reshape(shards, -1, K)
     flat_m = mask.reshape(shards, -1)
-    per_shard = E // shards
     kept = np.zeros(flat_w.shape, bool)
-    for receiver in range(shards):
-        used = 0
-        for expert in range(receiver * per_shard, (receiver + 1) * per_shard):
-            for source in range(shards):
-                copies = [c for c in range(flat_i.shape[1] * K)
-                          if flat_i[source].reshape(-1)[c] == expert and flat_m[source][c // K]]
-                for c in copies:
-                    if used < capacity:
-                        kept[source, c // K, c % K] = True
-                        used += 1
+    for source in range(shards):
+        for expert in range(E):
+            copies = [(t, j) for t in range(flat_i.shape[1]) for j in range(K)
+                      if flat_i[source, t, j] == expert and flat_m[source, t]]
+            copies.sort(key=lambda c: -flat_w[source, c[0], c[1]])  # stable: ties keep order
+            for t, j in copies[:quota]:
+                kept[source, t, j] = True
     w_gate, w_up, w_down = map(np.asarray, w)
     out = np.zeros(tokens.shape)
     for s in range(shards):
@@ -77,25 +85,35 @@ def _dropping_reference(x, weights, indices, mask, w, shards, capacity):
     return out.reshape(x.shape), kept.sum(), mask.sum() * K
 
 
-def test_small_receive_buffer_drops_copies_past_capacity():
+def test_capacity_keeps_each_experts_largest_gate_weights_and_counts_the_drops():
+    """Capacity factor 0.5: every source shard sends each expert at most
+    q = ceil(0.5 * T_local * k / E) copies, those of the largest gate weights; the output sums
+    the kept copies (against numpy) and `with_drops` counts the others."""
     parallelism = Parallelism.from_config(
         mesh_config_from_dict(dict(ici="expert=4,fsdp=2", rules="fsdp_ep")))
-    x, weights, indices, mask, w = _problem(seed=1)
-    options = ep.ExpertParallelOptions(capacity_factor=0.25, transport="all_to_all")
-    run = _expert_parallel(parallelism, options)
-    got = parallelism.jit(lambda *a: run(*a), None, None, compiler_options=QUICK_COMPILE)(
-        x, weights, indices, mask, w)
-    # Tokens split over fsdp x expert = 8 shards; the exchange runs over the 4 expert shards of
-    # each fsdp group, whose rows are the 4 consecutive blocks of B*T/8 tokens.
-    capacity = ep.receive_capacity(B * T // 8, K, 4, E // 4, 0.25)
-    want = np.zeros((B, T, D))
-    kept = total = 0
-    for group in range(2):
-        rows = slice(group * B // 2, (group + 1) * B // 2)
-        sub = [a[rows] for a in (x, weights, indices, mask)]
-        out, k, n = _dropping_reference(*sub, w, 4, capacity)
-        want[rows], kept, total = out, kept + k, total + n
-    assert 0 < kept < total  # the buffer really drops some copies
+    x, weights, indices, mask = _skewed_problem(seed=1)
+    options = ep.ExpertParallelOptions(capacity_factor=0.5, transport="all_to_all")
+    run = _expert_parallel(parallelism, options, with_drops=True)
+    got, dropped = parallelism.jit(run, None, None, compiler_options=QUICK_COMPILE)(
+        x, weights, indices, mask, _problem()[4])
+    # Tokens split over fsdp x expert = 8 shards of B*T/8 rows each; every shard is a source.
+    quota = ep.expert_quota(B * T // 8, K, E, 0.5)
+    want, kept, total = _dropping_reference(x, weights, indices, mask, _problem()[4], 8, quota)
+    assert 0 < kept < total  # the capacity really drops some copies
+    assert int(dropped) == total - kept
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_counts_no_drops_under_a_skewed_load():
+    parallelism = Parallelism.from_config(
+        mesh_config_from_dict(dict(ici="expert=4,fsdp=2", rules="fsdp_ep")))
+    x, weights, indices, mask = _skewed_problem(seed=2)
+    run = _expert_parallel(parallelism, ep.ExpertParallelOptions(0.0, "all_to_all"),
+                           with_drops=True)
+    got, dropped = parallelism.jit(run, None, None, compiler_options=QUICK_COMPILE)(
+        x, weights, indices, mask, _problem()[4])
+    want, kept, total = _dropping_reference(x, weights, indices, mask, _problem()[4], 8, T * B)
+    assert kept == total and int(dropped) == 0
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
