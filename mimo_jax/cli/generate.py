@@ -4,13 +4,17 @@ decoded.
     python -m mimo_jax.generate --checkpoint /tmp/mimo_tiny --prompt "def main():"
     python -m mimo_jax.generate --checkpoint /tmp/mimo_tiny --prompt "class A:" --speculative
     python -m mimo_jax.generate --hf /path/to/hf_dir --prompt "Hello" --temperature 0.8 --top_p 0.95
+    python -m mimo_jax.generate --checkpoint /tmp/mimo_tiny --prompt "x" --mesh tensor=2,expert=4
 
 `--checkpoint` takes a pretraining workdir (its `export/` params export is read) or the export
 directory itself; `--hf` a Hugging Face directory (config.json, safetensors, tokenizer.json).
 At the end it prints the decode speed in tokens/s (streaming: from the first generated token to the
 last, so compilation and prefill are not counted; --nostream: a second, compiled run timed whole)
 and, with `--speculative`, the mean acceptance length: tokens per main-model pass, 1 + accepted
-drafts. A bad path or argument ends with one line `error: ...` and exit status 1.
+drafts. `--mesh` decodes over a mesh of this host's devices (`--rules` picks the logical rule
+preset): heads and experts split as in training, the prompt copied into every row that the batch
+axes split (row 0 is printed). A bad path or argument ends with one line `error: ...` and exit
+status 1.
 
 Loading is `mimo_jax.loading.load_checkpoint` / `mimo_jax.convert.hf.load`, decoding
 `mimo_jax.inference.generation.generate` / `mimo_jax.inference.speculative.speculative_generate`;
@@ -33,7 +37,9 @@ from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.inference.generation import generate
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.inference.speculative import speculative_generate
+from mimo_jax.inference.on_mesh import batch_shards
 from mimo_jax.loading import load_checkpoint
+from mimo_jax.parallel import Parallelism, mesh_config_from_dict
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretraining workdir or its params export.")
 _HF = flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory with tokenizer.json.")
@@ -49,6 +55,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
 _MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (dense, ragged): dense is "
                                 "the faster on CPU, ragged computes only the chosen experts.")
+_MESH = flags.DEFINE_string("mesh", "", "Decode over a mesh of this host's devices, sizes per "
+                            "axis (e.g. tensor=2,expert=4; axes data, fsdp, expert, context, "
+                            "tensor); empty = one device.")
+_RULES = flags.DEFINE_string("rules", "fsdp_tp_ep", "Logical rule preset with --mesh.")
 _STREAM = flags.DEFINE_boolean(
     "stream", True, "Print tokens as they are decoded (a host callback per step, which costs "
     "time on a busy machine); --nostream prints at the end and times a second, compiled run.")
@@ -78,20 +88,24 @@ class _Streamer:
 
 def run(model, params, tokenizer: TextTokenizer, prompt: str, *, max_new_tokens: int,
         speculative: bool, num_draft: int, sampling: SamplingConfig, seed: int,
-        stream: bool = True) -> dict[str, float]:
+        stream: bool = True, parallelism: Parallelism | None = None) -> dict[str, float]:
     """Generates (streaming or not) and prints the text; returns the measured figures.
 
     Streaming: decode speed counts the tokens after the first one (which the prefill produces)
     over the time from its arrival to the end, so compilation and prefill are not in it.
     Not streaming: a first run compiles, a second is timed whole (prefill included).
+    With `parallelism`, the prompt fills every row the batch axes split (row 0 is printed).
     """
     ids = tokenizer.encode(prompt)
     if ids.size == 0:
         raise ValueError(f"--prompt {prompt!r} encodes to no tokens; give some text")
-    prompts, lengths = ids[None].astype(np.int32), np.asarray([ids.size], np.int32)
+    rows = 1 if parallelism is None else batch_shards(parallelism)
+    prompts = np.repeat(ids[None].astype(np.int32), rows, axis=0)
+    lengths = np.full((rows,), ids.size, np.int32)
     stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, sampling=sampling,
-                                  rng=jax.random.key(seed), stop_tokens=stops)
+                                  rng=jax.random.key(seed), stop_tokens=stops,
+                                  parallelism=parallelism)
     if speculative:
         kwargs["num_draft"] = num_draft or None
     fn = speculative_generate if speculative else generate
@@ -130,6 +144,10 @@ def _run(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     try:
         sampling = SamplingConfig(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+        parallelism = None
+        if _MESH.value:
+            parallelism = Parallelism.from_config(mesh_config_from_dict(
+                dict(ici=_MESH.value, dcn="", rules=_RULES.value)))
         overrides = {key: flag.value for key, flag in (("dtype", _DTYPE), ("moe_impl", _MOE_IMPL))
                      if flag.value}
         if _CHECKPOINT.value:
@@ -139,7 +157,8 @@ def _run(argv: list[str]) -> None:
             tokenizer = load_tokenizer(_HF.value)
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value,
-                      sampling=sampling, seed=_SEED.value, stream=_STREAM.value)
+                      sampling=sampling, seed=_SEED.value, stream=_STREAM.value,
+                      parallelism=parallelism)
     except ValueError as err:  # every error of bad input here is one (config, checkpoint, data)
         sys.exit(f"error: {err}")
     if _STREAM.value:

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 
 from mimo_jax.config import ModelConfig
 from mimo_jax.inference import cache as kv_cache
-from mimo_jax.inference import decode
+from mimo_jax.inference import decode, on_mesh
 from mimo_jax.inference.sampling import SamplingConfig, sample_with_log_prob
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.parallel import Parallelism
 
 StreamFn = Callable[[Any, Any], None]
 
@@ -210,7 +211,8 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
              rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
              prefill_chunk: int = 256, unstack_layers: bool | None = None,
              stream: StreamFn | None = None, return_logprobs: bool = False,
-             return_routing: bool = False) -> Generation:
+             return_routing: bool = False,
+             parallelism: Parallelism | None = None) -> Generation:
     """Generates up to `max_new_tokens` tokens after each prompt with the KV cache.
 
     Args:
@@ -225,11 +227,17 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
         with the tokens each row kept (numpy arrays); it must be hashable (a plain function).
       return_logprobs: record each generated token's sampling log-prob (`Generation.logprobs`).
       return_routing: record the experts every token ran (`Generation.routing`).
+      parallelism: decode over this mesh (see `inference.on_mesh`); the batch must split over
+        its batch axes. The tokens equal those of one device.
     """
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(params, prompts, lengths, rng, stop_array(stop_tokens), config=model.config,
-                     max_new_tokens=max_new_tokens, sampling=sampling,
-                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream,
-                     return_logprobs=return_logprobs, return_routing=return_routing)
+    config, params, (prompts, lengths, stops) = on_mesh.prepare(
+        model, params, (prompts, lengths, stop_array(stop_tokens)), parallelism)
+    with on_mesh.decoding(parallelism):
+        return _generate(params, prompts, lengths, rng, stops, config=config,
+                         max_new_tokens=max_new_tokens, sampling=sampling,
+                         prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
+                         stream=stream, return_logprobs=return_logprobs,
+                         return_routing=return_routing)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from mimo_jax.inference.generation import generate
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.model.transformer import MiMoV2Flash, ModelOutput
+from mimo_jax.parallel import Parallelism
 from mimo_jax.train.mopd_objective import token_log_probs
 
 
@@ -53,7 +54,8 @@ class Rollout:
 def rollout(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Array, *,
             samples_per_prompt: int, max_new_tokens: int, sampling: SamplingConfig,
             rng: jax.Array, stop_tokens: Sequence[int] = (), prefill_chunk: int = 256,
-            unstack_layers: bool | None = None) -> Rollout:
+            unstack_layers: bool | None = None,
+            parallelism: Parallelism | None = None) -> Rollout:
     """Samples `samples_per_prompt` responses to every prompt in one compiled generation.
 
     Args:
@@ -62,7 +64,8 @@ def rollout(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Ar
       samples_per_prompt: Y >= 1 responses per prompt (rows q * Y .. q * Y + Y - 1).
       max_new_tokens: the longest response; sampling: temperature / top-k / top-p (greedy gives
         Y identical responses); rng: a PRNG key; stop_tokens: a response ends after any of them.
-      prefill_chunk, unstack_layers: as in `generate`.
+      prefill_chunk, unstack_layers, parallelism: as in `generate` (on a mesh, Q x Y must
+        split over its batch axes).
     """
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt={samples_per_prompt} must be >= 1")
@@ -71,7 +74,7 @@ def rollout(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.Ar
     out = generate(model, params, prompts, lengths, max_new_tokens=max_new_tokens,
                    sampling=sampling, rng=rng, stop_tokens=stop_tokens,
                    prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
-                   return_logprobs=True, return_routing=True)
+                   return_logprobs=True, return_routing=True, parallelism=parallelism)
     columns = jnp.arange(out.tokens.shape[1])[None]
     response = (columns >= out.prompt_lengths[:, None]) & (columns < out.lengths[:, None])
     return Rollout(tokens=out.tokens, prompt_lengths=out.prompt_lengths, lengths=out.lengths,

@@ -34,13 +34,14 @@ import jax.numpy as jnp
 
 from mimo_jax.config import ModelConfig
 from mimo_jax.inference import cache as kv_cache
-from mimo_jax.inference import decode
+from mimo_jax.inference import decode, on_mesh
 from mimo_jax.inference.generation import (Generation, StreamFn, check_generation_args,
                                            commit_count, start_generation, stop_array,
                                            stream_step)
 from mimo_jax.inference.sampling import (SamplingConfig, probabilities, sample,
                                          sample_from_probs)
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.parallel import Parallelism
 
 
 @flax.struct.dataclass
@@ -186,7 +187,8 @@ def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
                          sampling: SamplingConfig = SamplingConfig(),
                          rng: jax.Array | None = None, stop_tokens: Sequence[int] = (),
                          prefill_chunk: int = 256, unstack_layers: bool | None = None,
-                         stream: StreamFn | None = None) -> Generation:
+                         stream: StreamFn | None = None,
+                         parallelism: Parallelism | None = None) -> Generation:
     """`generate` with MTP self-speculative decoding; same arguments and result.
 
     num_draft: drafts per step, 1 <= k <= the model's MTP heads (default: all heads). Greedy
@@ -200,6 +202,10 @@ def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32)
     check_generation_args(model.config, prompts, lengths, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(params, prompts, lengths, rng, stop_array(stop_tokens), config=model.config,
-                     num_draft=num_draft, max_new_tokens=max_new_tokens, sampling=sampling,
-                     prefill_chunk=prefill_chunk, unstack_layers=unstack_layers, stream=stream)
+    config, params, (prompts, lengths, stops) = on_mesh.prepare(
+        model, params, (prompts, lengths, stop_array(stop_tokens)), parallelism)
+    with on_mesh.decoding(parallelism):
+        return _generate(params, prompts, lengths, rng, stops, config=config,
+                         num_draft=num_draft, max_new_tokens=max_new_tokens, sampling=sampling,
+                         prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
+                         stream=stream)

@@ -87,6 +87,13 @@ class Attention(nn.Module):
         q, k, v = self.project(x, jnp.maximum(positions, 0))
         attended, cache = kv_cache.attend(cache, q, k, v, positions,
                                           window=self.config.sliding_window, sinks=self.sinks)
+        # Under a mesh the cache is split like the keys it holds (rows over the batch axes, KV
+        # heads over whatever splits them); a no-op without logical rules.
+        cache = kv_cache.LayerCache(
+            keys=nn.with_logical_constraint(cache.keys, ("batch", None, "kv_heads", "head_dim")),
+            values=nn.with_logical_constraint(cache.values,
+                                              ("batch", None, "kv_heads", "head_dim")),
+            positions=nn.with_logical_constraint(cache.positions, ("batch", None)))
         return self.output(attended.astype(self.dtype)), cache
 
     def __call__(self, x: jax.Array, positions: jax.Array,

@@ -123,8 +123,10 @@ def _local_elements(shape: tuple[int, ...], spec, sizes: dict[str, int]) -> int:
     return count
 
 
-def _tree_bytes(tree: Any, specs: Any, sizes: dict[str, int],
-                dtype_of: Callable[[Any], np.dtype] | None = None) -> int:
+def tree_bytes(tree: Any, specs: Any, sizes: dict[str, int],
+               dtype_of: Callable[[Any], np.dtype] | None = None) -> int:
+    """Bytes on the fullest device of a tree of arrays (or shapes) split by `specs`
+    (PartitionSpecs) over a mesh of axis `sizes`; `dtype_of(leaf)` overrides the dtypes."""
     total = 0
     for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(
             specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
@@ -256,7 +258,7 @@ def plan_memory(model_config: ModelConfig, mesh_config: MeshConfig, slice_spec: 
     rules = rules_lib.get_rules(mesh_config.rules)
     params, logical = logical_param_specs(MiMoV2Flash(model_config))
     specs = nn.logical_to_mesh(logical, rules)
-    param_bytes = _tree_bytes(params, specs, sizes)
+    param_bytes = tree_bytes(params, specs, sizes)
 
     optimizer = optax.adamw(1e-4) if optimizer_factory is None else optimizer_factory(params)
     opt_state = jax.eval_shape(optimizer.init, params)
@@ -267,7 +269,7 @@ def plan_memory(model_config: ModelConfig, mesh_config: MeshConfig, slice_spec: 
         # jnp.issubdtype: numpy does not count bfloat16 as a float.
         return opt_dtype if jnp.issubdtype(leaf.dtype, jnp.floating) else np.dtype(leaf.dtype)
 
-    opt_bytes = _tree_bytes(opt_state, opt_specs, sizes, state_dtype)
+    opt_bytes = tree_bytes(opt_state, opt_specs, sizes, state_dtype)
     rows = [MemoryRow("params", param_bytes, f"{model_config.param_dtype}"),
             MemoryRow("optimizer state", opt_bytes, f"{optimizer_dtype} moments"),
             MemoryRow("gradients", param_bytes, f"{model_config.param_dtype}, like params")]

@@ -7,6 +7,9 @@ import pytest
 
 from configs import mimo_v2_flash, tiny
 from launch import jobs
+from mimo_jax.config import GA, model_config_from_dict
+from mimo_jax.inference.decode_plan import plan_decode
+from mimo_jax.parallel import mesh_config_from_dict
 from mimo_jax.parallel.memory import GIB, parse_slice
 from mimo_jax.train.memory_plan import plan_for_config
 
@@ -52,11 +55,39 @@ def test_slice_names():
         parse_slice("tpu9-8")
 
 
+def test_decode_plan_of_the_full_model_on_v5p_64():
+    """bf16 weights split 32 ways; the KV cache of one row per batch shard at 32k and 256k is
+    that of the global layers (4 KV heads of 192 + 128 dims, 2 bytes) plus small rings; 256 rows
+    at 256k do not fit."""
+    config = mimo_v2_flash.get_config()
+    model_config = model_config_from_dict(config.model)
+    plan = plan_decode(model_config, mesh_config_from_dict(config.mesh), parse_slice("v5p-64"))
+    assert plan.batch == 16 and plan.rows_per_device == 1  # rows over expert=16, not context
+    assert abs(plan.weight_bytes / (FULL_MODEL_PARAMS * 2 / 32) - 1) < 0.02
+    full = model_config.attention(GA)
+    global_layers = model_config.layer_types.count(GA)
+    for length in (32_768, 262_144):
+        expected = global_layers * length * full.num_kv_heads * (
+            full.qk_head_dim + full.v_head_dim) * 2
+        assert 1.0 <= plan.cache_bytes[length] / expected < 1.05, length
+        assert plan.fits(length)
+    crowded = plan_decode(model_config, mesh_config_from_dict(config.mesh),
+                          parse_slice("v5p-64"), batch=256)
+    assert crowded.rows_per_device == 16
+    assert crowded.fits(32_768) and not crowded.fits(262_144)
+
+
 def test_plan_command_line():
     out = subprocess.run(
         [sys.executable, "-m", "mimo_jax.plan", "--config", "configs/tiny.py", "--mesh",
          "8xH100"], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "slice 8xH100: 8 devices" in out and "fits" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "mimo_jax.plan", "--mode", "decode", "--config",
+         "configs/mimo_v2_flash.py", "--mesh", "v5p-64", "--batch", "256"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "batch 256 rows, 16 per device" in out
+    assert "KV cache at 262,144" in out and "does NOT fit" in out
 
 
 def test_memory_check_refuses_a_run_that_does_not_fit():
