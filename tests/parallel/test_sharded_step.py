@@ -10,12 +10,14 @@ same gradients too.
 """
 
 import jax
+import numpy as np
 import pytest
 
 import parallel_helpers as ph
 from mimo_jax.config import REMAT_POLICIES
-from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.model.transformer import MiMoV2Flash, positions_from_segments
 from mimo_jax.parallel import PRESETS, Parallelism, mesh_config_from_dict
+from mimo_jax.train.step import make_eval_step
 
 # preset -> (ICI axis sizes on 8 devices, remat policy)
 MESHES = {
@@ -80,3 +82,33 @@ def test_sharded_step_equals_single_device(preset, references):
     assert ph.max_relative_error(grads, want_grads) < 1e-5
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(param_shardings)):
         assert got.sharding.is_equivalent_to(want, got.ndim)
+
+
+def test_capacity_drops_in_training_but_evaluation_is_dropless():
+    """Expert parallelism (fsdp=2 x expert=4) with a capacity factor of 0.25: the training
+    forward drops token copies (and counts them), the eval step lifts the capacity and equals
+    the single-device dense model."""
+    parallelism = Parallelism.from_config(
+        mesh_config_from_dict(dict(ici="fsdp=2,expert=4", rules="fsdp_ep")))
+    batch = ph.packed_batch()
+    batch["positions"] = np.asarray(positions_from_segments(batch["segment_ids"]))
+    dense = MiMoV2Flash(ph.parallel_model_config(dict(moe_impl="dense"), **ph.SMALL))
+    params = ph.random_params(dense)
+    want = jax.jit(make_eval_step(dense, dense.config))(params, batch)
+    model = MiMoV2Flash(ph.parallel_model_config(
+        dict(moe_impl="expert_parallel", expert_capacity_factor=0.25), **ph.SMALL))
+    _, param_shardings = parallelism.param_shardings(model)
+    batch_shardings = parallelism.batch_shardings(batch)
+    params = jax.device_put(params, param_shardings)
+    batch = parallelism.put_batch(batch, batch_shardings)
+    dropped = parallelism.jit(
+        lambda p, b: model.apply({"params": p}, b["tokens"],
+                                 segment_ids=b["segment_ids"]).dropped_copies,
+        (param_shardings, batch_shardings), parallelism.replicated,
+        compiler_options=ph.QUICK_COMPILE)(params, batch)
+    assert int(dropped.sum()) > 0
+    got = parallelism.jit_eval_step(make_eval_step(model, model.config), param_shardings,
+                                    batch_shardings,
+                                    compiler_options=ph.QUICK_COMPILE)(params, batch)
+    np.testing.assert_allclose(np.asarray(got["sums"]), np.asarray(want["sums"]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got["counts"]), np.asarray(want["counts"]))

@@ -71,6 +71,8 @@ def check_grad_accumulation_equals_one_batch(setup):
     for key in ("loss", "ce", "mtp", "balance", "grad_norm"):
         assert float(metrics_two[key]) == pytest.approx(float(metrics_one[key]), rel=1e-5), key
     assert int(metrics_one["tokens"]) == 4 * 32 - 12
+    # One device: nothing is dropped, with or without micro-batches (summed over them).
+    assert int(metrics_one["dropped_copies"]) == int(metrics_two["dropped_copies"]) == 0
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
         np.testing.assert_allclose(a, b, atol=2e-7)
     moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one.params, state.params)
