@@ -111,4 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.ici = "fsdp=-1,expert=16,context=2"  # within a slice; -1 fills the rest
     mesh.dcn = "data=-1"  # across slices (1 on a single slice)
     mesh.rules = "fsdp_ep_cp"  # a preset of mimo_jax.parallel.rules.PRESETS
+
+    # A fresh run's first parameters: another run's workdir or params export (the previous
+    # pretraining stage; configs/stages/); "" = a random initialisation.
+    config.init_from = ""
     return config

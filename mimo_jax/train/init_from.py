@@ -1,4 +1,5 @@
-"""Starting a run from trained parameters (`config.init_from`), for post-training.
+"""Starting a run from trained parameters (`config.init_from`): post-training, and the next
+pretraining stage.
 
     source = init_from.locate("runs/pretrain", run_model_config)    # what is there, nothing read
     init_from.check_architecture(source, run_model_config)           # CheckpointError on mismatch
@@ -18,7 +19,10 @@ architecture must be the run's (`config.architecture`, compared field by field),
     (the parameters are read in the run's layout and cast to its dtype);
   - with `copy_mtp_head`, a saved model with fewer MTP heads than the run: the saved heads are
     kept and each extra head starts as a copy of head 0 (post-training copies the one
-    pretrained head into 3, which then train jointly).
+    pretrained head into 3, which then train jointly);
+  - with `stage=True` (a pretraining stage starting from the previous one), the fields a stage
+    may change, `STAGE_FIELDS` (RoPE theta and window of either attention kind); the run lists
+    the ones that changed (`stage_changes`).
 Runtime fields (compute dtype, kernels, dispatch) are the run's. The run's tokenizer must be the
 one saved beside the parameters, when both exist.
 """
@@ -34,6 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mimo_jax.config import RUNTIME_KEYS, ModelConfig, architecture, model_config_from_dict
+from mimo_jax.config_reader import parse_value
 from mimo_jax.convert import hf
 from mimo_jax.convert.errors import CheckpointError as HfCheckpointError
 from mimo_jax.data.errors import DataError
@@ -46,7 +51,12 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "model_config.json"
 MTP_PREFIX = "mtp_"
 # Architecture fields that loaded parameters make irrelevant.
+INIT_FROM_KEY = "init_from"
 _FRESH_INIT_ONLY = ("init_std",)
+# Architecture fields a pretraining stage may change from the previous stage's (the 256k
+# extension raises the global layers' RoPE theta 640k -> 5M; the weights are the same shapes).
+STAGE_FIELDS = tuple(f"{kind}.{field}" for kind in ("full", "sliding")
+                     for field in ("rope_theta", "sliding_window"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,13 +173,27 @@ def _copies_heads(saved: ModelConfig, run: ModelConfig, copy_mtp_head: bool) -> 
     return copy_mtp_head and 0 < saved.num_mtp_heads < run.num_mtp_heads
 
 
+def _drop_stage_fields(tree: dict) -> None:
+    for name in STAGE_FIELDS:
+        kind, field = name.split(".")
+        del tree[kind][field]
+
+
+def stage_changes(source: InitSource, run_config: ModelConfig) -> list[str]:
+    """'model.FIELD: checkpoint=A run=B' for each of `STAGE_FIELDS` the run changes."""
+    saved, run = architecture(source.model_config), architecture(run_config)
+    return [d for d in mismatch(saved, run, "model")
+            if d.split(":")[0].removeprefix("model.") in STAGE_FIELDS]
+
+
 def check_architecture(source: InitSource, run_config: ModelConfig, *,
-                       copy_mtp_head: bool = False, copy_option: str = "") -> None:
+                       copy_mtp_head: bool = False, copy_option: str = "",
+                       stage: bool = False) -> None:
     """Raises `CheckpointError` listing every architecture field in which the saved model
     differs from the run's (see the module docstring for what may differ).
 
     copy_option: the config key that turns `copy_mtp_head` on, named in the message when the
-    MTP head count is what differs.
+    MTP head count is what differs. stage: `STAGE_FIELDS` may differ.
     """
     saved, run = architecture(source.model_config), architecture(run_config)
     ignored = _FRESH_INIT_ONLY
@@ -177,6 +201,9 @@ def check_architecture(source: InitSource, run_config: ModelConfig, *,
         ignored += ("num_mtp_heads",)
     for key in ignored:
         del saved[key], run[key]
+    if stage:
+        _drop_stage_fields(saved)
+        _drop_stage_fields(run)
     heads = (source.model_config.num_mtp_heads, run_config.num_mtp_heads)
     diff = mismatch(saved, run, "model")
     if not diff:
@@ -241,11 +268,12 @@ def _restore_params(source: InitSource, abstract: Any) -> Any:
 
 
 def load_params(source: InitSource, run_config: ModelConfig, *, shardings: Any = None,
-                copy_mtp_head: bool = False) -> dict:
+                copy_mtp_head: bool = False, stage: bool = False) -> dict:
     """The saved parameters in the run's layout, each placed with its sharding in `shardings`
     (a run-shaped tree; None: the default device), with extra MTP heads copied from head 0
-    when `copy_mtp_head` allows it. Checks the architecture first."""
-    check_architecture(source, run_config, copy_mtp_head=copy_mtp_head)
+    when `copy_mtp_head` allows it. Checks the architecture first (`stage`: as a pretraining
+    stage, which may change `STAGE_FIELDS`)."""
+    check_architecture(source, run_config, copy_mtp_head=copy_mtp_head, stage=stage)
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, jax.eval_shape(
@@ -269,3 +297,9 @@ def load_params(source: InitSource, run_config: ModelConfig, *, shardings: Any =
     if _copies_heads(source.model_config, run_config, copy_mtp_head):
         params = copy_mtp_heads(params, run_config.num_mtp_heads)
     return params
+
+
+def init_from_path(config: Any) -> str:
+    """The run config's top-level `init_from` ("" or missing: a fresh initialisation)."""
+    value = config.get(INIT_FROM_KEY) if hasattr(config, "get") else None
+    return "" if value is None else parse_value(str, value, INIT_FROM_KEY).strip()

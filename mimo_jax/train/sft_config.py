@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mimo_jax.config_reader import Section, one_of, option, parse_value, read_section
+from mimo_jax.config_reader import Section, one_of, option, read_section
 from mimo_jax.data.sft import TOO_LONG
 
-INIT_FROM_KEY = "init_from"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +36,3 @@ def sft_config_from_dict(cfg: Any) -> SftConfig:
     return read_section(SftConfig, cfg)
 
 
-def init_from_path(config: Any) -> str:
-    """The run config's top-level `init_from` ("" or missing: a fresh initialisation)."""
-    value = config.get(INIT_FROM_KEY) if hasattr(config, "get") else None
-    return "" if value is None else parse_value(str, value, INIT_FROM_KEY).strip()

@@ -34,8 +34,8 @@ from mimo_jax.data.sources import expand_paths
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.train import init_from, partition, trainer
 from mimo_jax.train.checkpoint import Checkpointer, architecture
-from mimo_jax.train.sft_config import SftConfig, init_from_path, sft_config_from_dict
-from mimo_jax.train.trainer import RunResult, RunSetup, StepProgram
+from mimo_jax.train.sft_config import SftConfig, sft_config_from_dict
+from mimo_jax.train.trainer import RunResult, RunSetup
 
 __all__ = ["SFT_RECORD_KEYS", "check_config", "open_records", "run", "sft_eval_batches"]
 
@@ -126,28 +126,13 @@ def _tokenizer(config: DataConfig, workdir: pathlib.Path, source: init_from.Init
     return tokenizer
 
 
-def _initial_state(source: init_from.InitSource | None, sft: SftConfig, seed: int,
-                   log: Callable[[str], None]) -> Callable[[StepProgram], Any]:
-    """A fresh run's first state: `source`'s parameters with a new optimizer state, or a random
-    initialisation from `seed` when there is no source."""
-    def initial_state(program: StepProgram) -> Any:
-        if source is None:
-            return program.initial_state(seed)
-        params = init_from.load_params(source, program.model.config,
-                                       shardings=program.state_shardings.params,
-                                       copy_mtp_head=sft.copy_mtp_head)
-        log(f"initialised from {source.describe()}")
-        return program.state_with_params(params, seed)
-    return initial_state
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         stop_requested: Callable[[], bool] = lambda: False,
         log: Callable[[str], None] = print) -> RunResult:
     """Fine-tunes (or resumes fine-tuning) as `config` says, in `workdir`."""
     configs = trainer.build_configs(config)
     sft = sft_config_from_dict(config.get("sft"))
-    init_path = init_from_path(config)
+    init_path = init_from.init_from_path(config)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     _check_sources(data_cfg.train_sources, "data.train_sources")
     _check_sources(data_cfg.eval_sources, "data.eval_sources")
@@ -199,7 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             eval_batches = lambda: sft_eval_batches(  # noqa: E731
                 eval_records, tokenizer, data_cfg, sft.too_long, shard)
         setup = RunSetup(configs, workdir, parallelism, checkpointer, meta, start,
-                         initial_state=_initial_state(source, sft, train_cfg.seed, log),
+                         initial_state=trainer.params_initial_state(
+                             source, train_cfg.seed, log, copy_mtp_head=sft.copy_mtp_head),
                          eval_batches=eval_batches, record_keys=SFT_RECORD_KEYS,
                          progress_keys=(ZERO_GRADS,), count_zero_grads=True)
         return trainer.train(setup, batches, stop_requested, log)
@@ -214,7 +200,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     touching the disk; raises `ConfigError` naming the key."""
     configs = trainer.build_configs(config)
     sft_config_from_dict(config.get("sft"))
-    init_from_path(config)
+    init_from.init_from_path(config)
     _check_sources(configs.data.train_sources, "data.train_sources")
     _check_sources(configs.data.eval_sources, "data.eval_sources")
 

@@ -37,7 +37,7 @@ from mimo_jax.data.config import DataConfig, data_config_from_dict
 from mimo_jax.data.errors import DataError
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
-from mimo_jax.train import partition
+from mimo_jax.train import init_from, partition
 from mimo_jax.train.checkpoint import EXPORT_DIR, CheckpointError, Checkpointer, architecture
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
@@ -177,6 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     function of `StepInfo`) run after every step, after the standard ones."""
     configs = build_configs(config)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
+    init_path = init_from.init_from_path(config)
     workdir = pathlib.Path(workdir).absolute()
     is_first = jax.process_index() == 0
     if is_first:
@@ -204,6 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
+        source = _stage_source(init_path, start, model_cfg, tokenizer, log)
         batches = resume_batches(checkpointer, start, meta, lambda: iter(pipeline.train_batches(
             data_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard)))
         if start < train_cfg.steps:
@@ -213,13 +215,50 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             eval_batches = lambda: pipeline.eval_batches(  # noqa: E731
                 data_cfg, eval_sources, tokenizer, model_cfg.vocab_size, shard)
         setup = RunSetup(configs, workdir, parallelism, checkpointer, meta, start,
-                         initial_state=lambda program: program.initial_state(train_cfg.seed),
+                         initial_state=params_initial_state(source, train_cfg.seed, log,
+                                                            stage=True),
                          eval_batches=eval_batches, hooks=tuple(hooks))
         return train(setup, batches, stop_requested, log)
     finally:
         if batches is not None:
             batches.close()
         checkpointer.close()
+
+
+def _stage_source(init_path: str, start: int, model_config: ModelConfig, tokenizer: Any,
+                  log: Callable[[str], None]) -> init_from.InitSource | None:
+    """Where a fresh run starting from another run's parameters (`init_from`: the previous
+    pretraining stage) reads them, after checking the architecture (the stage fields may change;
+    the ones that do are listed) and the tokenizer. None for a resumed run or no init_from."""
+    if not init_path:
+        return None
+    if start:
+        log(f"resuming from checkpoint step {start}; init_from={init_path!r} is not read")
+        return None
+    source = init_from.locate(init_path, model_config)
+    init_from.check_architecture(source, model_config, stage=True)
+    init_from.check_tokenizer(source, tokenizer)
+    changes = init_from.stage_changes(source, model_config)
+    log(f"init_from: {source.describe()}; "
+        + (f"stage changes: {'; '.join(changes)}" if changes else "same architecture"))
+    return source
+
+
+def params_initial_state(source: init_from.InitSource | None, seed: int,
+                         log: Callable[[str], None], *, copy_mtp_head: bool = False,
+                         stage: bool = False) -> Callable[[StepProgram], TrainState]:
+    """A fresh run's first state: `source`'s parameters (in the step program's shardings) with a
+    new optimizer state, step 0 and an RNG from `seed`; a random initialisation from `seed`
+    when there is no source. `copy_mtp_head`, `stage`: see `init_from.load_params`."""
+    def initial_state(program: StepProgram) -> TrainState:
+        if source is None:
+            return program.initial_state(seed)
+        params = init_from.load_params(source, program.model.config,
+                                       shardings=program.state_shardings.params,
+                                       copy_mtp_head=copy_mtp_head, stage=stage)
+        log(f"initialised from {source.describe()}")
+        return program.state_with_params(params, seed)
+    return initial_state
 
 
 def resume_batches(checkpointer: Checkpointer, start: int, meta: dict[str, Any],
