@@ -21,10 +21,10 @@ import numpy as np
 
 from mimo_jax.config import ModelConfig, with_runtime
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.ops.spec_axes import spec_axes
 from mimo_jax.parallel import Parallelism
 from mimo_jax.parallel.rules import mesh_axes
 from mimo_jax.parallel.sharding import shardings_like_params
-from mimo_jax.ops.spec_axes import spec_axes
 
 
 def splits_experts(parallelism: Parallelism) -> bool:

@@ -50,8 +50,8 @@ EXPORT, CHECKPOINT, HF = "export", "checkpoint", "hf"
 TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "model_config.json"
 MTP_PREFIX = "mtp_"
-# Architecture fields that loaded parameters make irrelevant.
 INIT_FROM_KEY = "init_from"
+# Architecture fields that loaded parameters make irrelevant.
 _FRESH_INIT_ONLY = ("init_std",)
 # Architecture fields a pretraining stage may change from the previous stage's (the 256k
 # extension raises the global layers' RoPE theta 640k -> 5M; the weights are the same shapes).

@@ -192,6 +192,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     # Data first: a bad path fails in seconds, before any compilation.
     train_sources = pipeline.open_sources(data_cfg, "train")
     eval_sources = pipeline.open_sources(data_cfg, "eval") if data_cfg.eval_batches else []
+    source = init_from.locate(init_path, model_cfg) if init_path else None
+    if source is not None and source.tokenizer_file is not None and not data_cfg.tokenizer:
+        # A stage keeps the previous stage's token ids (instead of training a new tokenizer).
+        data_cfg = dataclasses.replace(data_cfg, tokenizer=str(source.tokenizer_file))
     tokenizer = pipeline.resolve_tokenizer(data_cfg, model_cfg.vocab_size, workdir,
                                            train_sources, save=is_first)
     log("data:\n" + pipeline.describe_sources(train_sources))
@@ -205,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
-        source = _stage_source(init_path, start, model_cfg, tokenizer, log)
+        source = _stage_source(source, start, model_cfg, tokenizer, log)
         batches = resume_batches(checkpointer, start, meta, lambda: iter(pipeline.train_batches(
             data_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard)))
         if start < train_cfg.steps:
@@ -225,17 +229,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         checkpointer.close()
 
 
-def _stage_source(init_path: str, start: int, model_config: ModelConfig, tokenizer: Any,
-                  log: Callable[[str], None]) -> init_from.InitSource | None:
-    """Where a fresh run starting from another run's parameters (`init_from`: the previous
-    pretraining stage) reads them, after checking the architecture (the stage fields may change;
-    the ones that do are listed) and the tokenizer. None for a resumed run or no init_from."""
-    if not init_path:
+def _stage_source(source: init_from.InitSource | None, start: int, model_config: ModelConfig,
+                  tokenizer: Any, log: Callable[[str], None]) -> init_from.InitSource | None:
+    """`source` (the previous pretraining stage's parameters, from `init_from`) for a fresh
+    run, after checking the architecture (the stage fields may change; the ones that do are
+    listed) and the tokenizer. None for a resumed run or without init_from."""
+    if source is None:
         return None
     if start:
-        log(f"resuming from checkpoint step {start}; init_from={init_path!r} is not read")
+        log(f"resuming from checkpoint step {start}; init_from {source.path} is not read")
         return None
-    source = init_from.locate(init_path, model_config)
     init_from.check_architecture(source, model_config, stage=True)
     init_from.check_tokenizer(source, tokenizer)
     changes = init_from.stage_changes(source, model_config)

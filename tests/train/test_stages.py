@@ -48,8 +48,9 @@ def test_a_stage_refuses_another_architecture():
 
 def test_pretraining_continues_a_short_stage_at_4x_the_length(tmp_path, micro, corpus_dir):
     """A micro run at 32 tokens, then a stage from its workdir at 128 tokens with the global
-    layers' theta raised: the run says what changed, starts from exactly the saved parameters
-    (router biases included) with a fresh optimizer, and trains."""
+    layers' theta raised: the run says what changed, keeps the first stage's tokenizer, starts
+    from exactly the saved parameters (router biases included) with a fresh optimizer, and
+    trains."""
     first = micro.build_config(micro.micro_overrides(corpus_dir, **{
         "train.steps": 3, "train.eval_every": 0, "train.checkpoint_every": 3}))
     trainer.run(first, tmp_path / "short", log=lambda line: None)
@@ -57,6 +58,7 @@ def test_pretraining_continues_a_short_stage_at_4x_the_length(tmp_path, micro, c
 
     second = micro.build_config(micro.micro_overrides(corpus_dir, **{
         "init_from": str(tmp_path / "short"), "model.full.rope_theta": 5_000_000.0,
+        "data.tokenizer": "",  # the previous stage's tokenizer
         "data.seq_len": 128, "train.steps": 2, "train.eval_every": 0,
         "train.checkpoint_every": 2}))
     lines = []
@@ -64,6 +66,7 @@ def test_pretraining_continues_a_short_stage_at_4x_the_length(tmp_path, micro, c
     assert result.status == "done" and result.step == 2
     said = "\n".join(lines)
     assert "stage changes: model.full.rope_theta: checkpoint=640000.0 run=5000000.0" in said
+    assert f"tokenizer: {tmp_path / 'short' / 'tokenizer.json'}" in said
 
     configs = trainer.build_configs(second)
     program = trainer.step_program(configs, trainer.partition.make_parallelism(
