@@ -12,14 +12,14 @@ import dataclasses
 import math
 
 import flax.linen as nn
-import jax
 
 from mimo_jax.config import ModelConfig, replace_model
 from mimo_jax.inference.cache import cache_bytes, cache_shapes
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import rules as rules_lib
 from mimo_jax.parallel.config import MESH_AXES, MeshConfig
-from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, SliceSpec, tree_bytes
+from mimo_jax.parallel.memory import (GIB, USABLE_FRACTION, SliceSpec, describe_slice,
+                                      tree_bytes)
 from mimo_jax.parallel.mesh import mesh_shape
 from mimo_jax.parallel.sharding import logical_param_specs
 
@@ -71,11 +71,9 @@ def plan_decode(model_config: ModelConfig, mesh_config: MeshConfig, slice_spec: 
 
 def format_decode_plan(plan: DecodePlan, header: str) -> str:
     """The table `python -m mimo_jax.plan --mode decode` prints."""
-    mesh = ", ".join(f"{a}={plan.axis_sizes[a]}" for a in MESH_AXES if plan.axis_sizes[a] > 1)
     lines = [header,
-             f"slice {plan.slice.name}: {plan.slice.num_devices} devices x "
-             f"{plan.slice.hbm_bytes / GIB:.1f} GiB HBM; mesh {mesh or 'one device'}; rules "
-             f"{plan.rules}; batch {plan.batch} rows, {plan.rows_per_device} per device",
+             f"{describe_slice(plan.slice, plan.axis_sizes, plan.rules)}; batch {plan.batch} "
+             f"rows, {plan.rows_per_device} per device",
              f"{'weights':26s}{plan.weight_bytes / GIB:9.2f} GiB   {plan.param_dtype}"]
     for length, nbytes in plan.cache_bytes.items():
         total = plan.weight_bytes + nbytes

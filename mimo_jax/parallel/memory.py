@@ -84,6 +84,13 @@ def parse_slice(name: str) -> SliceSpec:
                      f"GPU types {sorted(GPU_TYPES)})")
 
 
+def describe_slice(slice_spec: SliceSpec, axis_sizes: dict[str, int], rules: str) -> str:
+    """'slice NAME: N devices x H GiB HBM; mesh AXIS=SIZE, ...; rules PRESET' (a plan's line)."""
+    mesh = ", ".join(f"{a}={axis_sizes[a]}" for a in MESH_AXES if axis_sizes[a] > 1)
+    return (f"slice {slice_spec.name}: {slice_spec.num_devices} devices x "
+            f"{slice_spec.hbm_bytes / GIB:.1f} GiB HBM; mesh {mesh or 'one device'}; rules {rules}")
+
+
 @dataclasses.dataclass
 class MemoryRow:
     name: str

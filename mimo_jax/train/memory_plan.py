@@ -18,8 +18,9 @@ import ml_collections
 from mimo_jax.config import ConfigError, ModelConfig, model_config_from_dict, with_runtime
 from mimo_jax.ops.moe.expert_parallel import dropless_capacity_factor
 from mimo_jax.parallel import rules as rules_lib
-from mimo_jax.parallel.config import MESH_AXES, MeshConfig, mesh_config_from_dict
-from mimo_jax.parallel.memory import GIB, USABLE_FRACTION, MemoryPlan, parse_slice, plan_memory
+from mimo_jax.parallel.config import MeshConfig, mesh_config_from_dict
+from mimo_jax.parallel.memory import (GIB, USABLE_FRACTION, MemoryPlan, describe_slice, parse_slice,
+                                      plan_memory)
 from mimo_jax.train import optimizer as optim
 from mimo_jax.train.config import train_config_from_dict
 
@@ -30,11 +31,9 @@ def _gib(count: int) -> str:
 
 def format_plan(plan: MemoryPlan, header: str) -> str:
     """The table printed by the command."""
-    mesh = ", ".join(f"{a}={plan.axis_sizes[a]}" for a in MESH_AXES if plan.axis_sizes[a] > 1)
     lines = [header,
-             f"slice {plan.slice.name}: {plan.slice.num_devices} devices x "
-             f"{plan.slice.hbm_bytes / GIB:.1f} GiB HBM; mesh {mesh or 'one device'}; "
-             f"rules {plan.rules}; {plan.tokens_per_device:,} tokens per device per micro-batch",
+             f"{describe_slice(plan.slice, plan.axis_sizes, plan.rules)}; "
+             f"{plan.tokens_per_device:,} tokens per device per micro-batch",
              f"{'':26s}{'per device':>12s}"]
     for row in plan.rows:
         lines.append(f"{row.name:26s}{_gib(row.bytes)}   {row.detail}")
