@@ -35,9 +35,9 @@ from mimo_jax.cli import run_command
 from mimo_jax.convert import hf
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.inference.generation import generate
+from mimo_jax.inference.on_mesh import batch_shards
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.inference.speculative import speculative_generate
-from mimo_jax.inference.on_mesh import batch_shards
 from mimo_jax.loading import load_checkpoint
 from mimo_jax.parallel import Parallelism, mesh_config_from_dict
 
