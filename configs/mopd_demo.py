@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
     mopd.max_response_tokens = 8
     mopd.eval_prompts = 0  # benchmarks/mopd.py evaluates every model once, on the same prompts
     train = config.train
+    train.num_devices = 1  # a CPU config: the rollouts are too small to split
     train.steps = 150
     train.learning_rate = 3e-4
     train.end_learning_rate = 3e-4

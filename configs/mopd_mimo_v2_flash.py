@@ -5,7 +5,8 @@
 
 The report gives neither alpha nor the ratio bounds nor the learning rate of MOPD; the values
 here are this project's starting points (alpha 1, IcePop-style bounds [0.5, 2], constant 1e-6).
-Rollouts and updates run on one device until generation over a mesh exists.
+The run uses the full config's mesh on one host (rollouts, teacher scores and updates split by
+its rules); each domain's prompts x samples must split over its batch axes.
 """
 
 import ml_collections

@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     mopd.max_response_tokens = 8
     mopd.eval_prompts = 64
     train = config.train
+    train.num_devices = 1  # a CPU config: the rollouts are too small to split
     train.steps = 100
     train.learning_rate = 1e-4
     train.end_learning_rate = 1e-4

@@ -112,7 +112,7 @@ def _memory_plan(kind: str, run_config: ml_collections.ConfigDict, point: str | 
                  accelerator: cluster.Accelerator, param_dtype: str | None, skip: bool) -> str:
     """The memory plan's table; raises ValueError when the job does not fit (unless `skip`)."""
     if kind == "mopd":
-        return "not planned: the memory plan covers pretraining-shaped runs, MOPD runs on one device"
+        return "not planned: the memory plan covers pretraining-shaped runs"
     try:
         return jobs.check_memory(run_config, accelerator.slice_name, param_dtype)
     except jobs.DoesNotFit as err:
@@ -136,9 +136,9 @@ def plan(kind: str, *, executor: str, config: str, workdir: str, overrides: tupl
         raise ValueError(f"--image (a registry tag to push to) is required with "
                          f"--executor={executor}")
     if kind == "mopd" and accelerator is not None and accelerator.hosts > 1:
-        raise ValueError(f"MOPD runs its rollouts and updates on one device until decoding over "
-                         f"a mesh exists; {accelerator.slice_name} has {accelerator.hosts} hosts "
-                         "(use a single-host slice)")
+        raise ValueError(f"MOPD runs on one host (its rewards read every sampled row there); "
+                         f"{accelerator.slice_name} has {accelerator.hosts} hosts (use a "
+                         "single-host slice)")
     xid = xid or experiment_id()
     title = title or f"mimo-jax-{kind}"
     resolved = _resolved_configs(kind, config, overrides, list(points or []))

@@ -5,8 +5,8 @@ r"""XManager launch script for multi-teacher on-policy distillation (`python -m 
         --workdir=gs://BUCKET/mopd --image=gcr.io/PROJECT/mimo-jax:latest \
         --override=init_from=gs://BUCKET/sft/export
 
-MOPD samples and updates on one device until decoding over a mesh exists, so a multi-host slice
-is refused. Flags and executors as in `launch/pretrain.py`; --dry_run prints the plan.
+MOPD runs on the devices of one host (its rewards read every sampled row there), so a multi-host
+slice is refused. Flags and executors as in `launch/pretrain.py`; --dry_run prints the plan.
 """
 
 import os

@@ -34,6 +34,8 @@ from mimo_jax.inference.rollout import Rollout, rollout, score_tokens, segments_
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.ops.moe import replay_mismatch
+from mimo_jax.parallel import Parallelism
+from mimo_jax.parallel.sharding import batch_spec
 from mimo_jax.train.config import TrainConfig
 from mimo_jax.train.mopd_config import MopdConfig
 from mimo_jax.train.mopd_objective import (MopdObjective, group_advantages,
@@ -160,8 +162,9 @@ class MopdStep:
 
     def __init__(self, model: MiMoV2Flash, update: Callable, teachers: dict[str, Teacher | None],
                  rewards: dict[str, Reward | None], tokenizer: TextTokenizer,
-                 config: MopdConfig):
+                 config: MopdConfig, parallelism: Parallelism):
         self.model = model
+        self.parallelism = parallelism
         self._update = update
         self._rewards = rewards
         self._tokenizer = tokenizer
@@ -169,9 +172,12 @@ class MopdStep:
         self._sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p)
         self._stops = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
         # One compiled scorer per teacher architecture (models are equal when their configs
-        # are): teachers of the same shape share one program.
+        # are): teachers of the same shape share one program, on the student's mesh.
         models = {teacher.model for teacher in teachers.values() if teacher is not None}
-        scorers = {model: jax.jit(functools.partial(_score, model)) for model in models}
+        scorers = {model: parallelism.jit(
+            functools.partial(_score, model),
+            (parallelism.param_shardings(model)[1], self._rows(2), self._rows(1)), self._rows(2))
+            for model in models}
         self._scorers = {domain: None if teacher is None else scorers[teacher.model]
                          for domain, teacher in teachers.items()}
         self._teachers = teachers
@@ -191,7 +197,8 @@ class MopdStep:
         # resumed run with the same one.
         sample = rollout(self.model, state.params, ids, lengths, samples_per_prompt=samples,
                          max_new_tokens=cfg.max_response_tokens, sampling=self._sampling,
-                         rng=jax.random.fold_in(state.rng, 1), stop_tokens=self._stops)
+                         rng=jax.random.fold_in(state.rng, 1), stop_tokens=self._stops,
+                         parallelism=self.parallelism)
         texts = response_texts(self._tokenizer, sample)
         rewards, correct = outcome_rewards(batch, texts, samples, self._rewards)
         rows_per_domain = cfg.prompts_per_domain * samples
@@ -203,6 +210,8 @@ class MopdStep:
         if cfg.use_teacher:
             arrays["teacher_log_probs"] = self._teacher_scores(batch.domains, sample,
                                                                rows_per_domain)
+        arrays = {key: jax.device_put(value, self._rows(np.ndim(value)))
+                  for key, value in arrays.items()}
         state, metrics = self._update(state, arrays, learning_rate)
         metrics = dict(jax.device_get(metrics), reward=float(rewards.mean()),
                        accuracy=float(correct.mean()))
@@ -221,6 +230,11 @@ class MopdStep:
         parts = []
         for d, domain in enumerate(domains):
             rows = slice(d * rows_per_domain, (d + 1) * rows_per_domain)
-            parts.append(self._scorers[domain](self._teachers[domain].params,
-                                               sample.tokens[rows], sample.lengths[rows]))
+            tokens, lengths = (jax.device_put(x[rows], self._rows(x.ndim))
+                               for x in (sample.tokens, sample.lengths))
+            parts.append(self._scorers[domain](self._teachers[domain].params, tokens, lengths))
         return jnp.concatenate(parts, axis=0)
+
+    def _rows(self, ndim: int) -> jax.sharding.NamedSharding:
+        """The sharding of a [rows, ...] array of `ndim` dims: rows over the batch axes."""
+        return self.parallelism.sharding(batch_spec(ndim, self.parallelism.rules))

@@ -12,8 +12,13 @@ scores them with the domain's teacher and its outcome reward, and updates the st
 
 Checkpoints hold the train state (its RNG key drives the sampling) and the prompt stream's
 position, so a run killed at any point and started again continues exactly. Held-out accuracy
-per domain (greedy answers to the task's test split) is the evaluation. The run is on one device:
-generation over a mesh is not there yet.
+per domain (greedy answers to the task's test split) is the evaluation.
+
+The run uses the config's mesh over `train.num_devices` devices of this host (the CPU configs
+say 1): the student and every teacher split by the rule preset, rollouts and teacher scores
+decoded on the mesh (`inference.on_mesh`), the update jitted with the train state's shardings.
+Each domain's rows (prompts x samples) must split over the mesh's batch axes. Multi-host runs
+are not supported yet (rewards are computed from every row on one host).
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from mimo_jax.data.prompts import PromptStream, prompt_pool
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.eval.task_eval import task_accuracy
 from mimo_jax.eval.tasks import get_reward, get_task
-from mimo_jax.model.transformer import MiMoV2Flash, init_params
-from mimo_jax.train import init_from
+from mimo_jax.inference import on_mesh
+from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
+from mimo_jax.train import init_from, partition
 from mimo_jax.train.checkpoint import EXPORT_DIR, Checkpointer, CheckpointError
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
@@ -59,6 +66,7 @@ class MopdConfigs:
     train: TrainConfig
     mopd: MopdConfig
     init_from: str
+    mesh: MeshConfig
 
 
 def build_configs(config: ml_collections.ConfigDict) -> MopdConfigs:
@@ -72,7 +80,21 @@ def build_configs(config: ml_collections.ConfigDict) -> MopdConfigs:
                           "(a params export, a training workdir or a Hugging Face directory)")
     return MopdConfigs(model=model_config_from_dict(config.model),
                        train=train_config_from_dict(config.train),
-                       mopd=read_section(MopdConfig, config.mopd), init_from=init_path)
+                       mopd=read_section(MopdConfig, config.mopd), init_from=init_path,
+                       mesh=mesh_config_from_dict(config.get("mesh")))
+
+
+def _parallelism(configs: MopdConfigs) -> Parallelism:
+    """The run's mesh; each domain's rows (prompts x samples) must split over its batch axes."""
+    parallelism = partition.make_parallelism(configs.mesh, configs.train.num_devices)
+    rows = configs.mopd.prompts_per_domain * configs.mopd.samples_per_prompt
+    shards = on_mesh.batch_shards(parallelism)
+    if rows % shards:
+        raise ConfigError(f"config key 'mopd.prompts_per_domain' = "
+                          f"{configs.mopd.prompts_per_domain}: a domain's rows (x "
+                          f"mopd.samples_per_prompt={configs.mopd.samples_per_prompt} = {rows}) "
+                          f"must split over the mesh's {shards} batch shards")
+    return parallelism
 
 
 def _load_tokenizer(source: init_from.InitSource, what: str) -> TextTokenizer:
@@ -83,10 +105,12 @@ def _load_tokenizer(source: init_from.InitSource, what: str) -> TextTokenizer:
 
 
 def load_teachers(mopd: MopdConfig, student: ModelConfig, tokenizer: TextTokenizer,
-                  log: Callable[[str], None]) -> dict[str, Teacher | None]:
-    """Each domain's frozen teacher (any size, computed with the student's runtime choices),
-    checked to share the student's tokenizer; None for every domain when the teacher term is
-    off. Teachers given by the same path load once."""
+                  log: Callable[[str], None],
+                  parallelism: Parallelism | None = None) -> dict[str, Teacher | None]:
+    """Each domain's frozen teacher (any size, computed with the student's runtime choices,
+    dropless on a mesh that splits the experts), checked to share the student's tokenizer, its
+    parameters split over `parallelism`'s mesh (None: the default device); None for every
+    domain when the teacher term is off. Teachers given by the same path load once."""
     if not mopd.use_teacher:
         return {domain: None for domain in mopd.domains}
     loaded: dict[str, Teacher] = {}
@@ -103,7 +127,12 @@ def load_teachers(mopd: MopdConfig, student: ModelConfig, tokenizer: TextTokeniz
                     f"teacher of domain {domain!r} ({path}) uses tokenizer {theirs.source!r}, "
                     f"the student {tokenizer.source!r}: they must share one tokenizer")
             config = replace_model(source.model_config, runtime=student.runtime)
-            loaded[path] = Teacher(MiMoV2Flash(config), init_from.load_params(source, config))
+            shardings = None
+            if parallelism is not None:
+                config = on_mesh.decoding_config(config, parallelism)
+                shardings = parallelism.param_shardings(MiMoV2Flash(config))[1]
+            loaded[path] = Teacher(MiMoV2Flash(config),
+                                   init_from.load_params(source, config, shardings=shardings))
             log(f"teacher of {domain}: {source.describe()}")
         teachers[domain] = loaded[path]
     return teachers
@@ -123,14 +152,15 @@ class HeldOutAccuracy:
     """Greedy held-out accuracy per domain, as the `Evaluation` hook's `evaluate(params)`."""
 
     def __init__(self, model: MiMoV2Flash, tokenizer: TextTokenizer, examples: dict[str, list],
-                 max_new_tokens: int):
+                 max_new_tokens: int, parallelism: Parallelism | None = None):
         self._model, self._tokenizer = model, tokenizer
         self._examples, self._max_new_tokens = examples, max_new_tokens
+        self._parallelism = parallelism
 
     def __call__(self, params: Any) -> dict[str, float]:
         result = {f"accuracy/{domain}": task_accuracy(
-            self._model, params, self._tokenizer, examples, max_new_tokens=self._max_new_tokens)
-            for domain, examples in self._examples.items()}
+            self._model, params, self._tokenizer, examples, max_new_tokens=self._max_new_tokens,
+            parallelism=self._parallelism) for domain, examples in self._examples.items()}
         # `loss` is what the Evaluation hook reports and keeps: here the mean error rate.
         result["loss"] = 1.0 - float(np.mean(list(result.values())))
         return result
@@ -159,19 +189,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     tokenizer.save(workdir / TOKENIZER_FILE)
     pools = {domain: prompt_pool(*mopd.prompt_source(domain), seed=mopd.seed)
              for domain in mopd.domains}
-    teachers = load_teachers(mopd, model_cfg, tokenizer, log)
+    parallelism = _parallelism(configs)
+    teachers = load_teachers(mopd, model_cfg, tokenizer, log, parallelism)
     log(f"student: {source.describe()}; domains {', '.join(mopd.domains)}; "
         f"{mopd.prompts_per_domain} prompts x {mopd.samples_per_prompt} samples per domain "
-        "per step")
+        f"per step; {parallelism.mesh.size} device(s)")
 
     model = MiMoV2Flash(model_cfg)
-    params_shape = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    params_shape, param_shardings = parallelism.param_shardings(model)
     optimizer = make_optimizer(train_cfg, params_shape)
+    abstract = jax.eval_shape(lambda: init_state(model, optimizer, train_cfg.seed))
+    state_shardings = parallelism.state_shardings(abstract, params_shape, param_shardings)
     objective = MopdObjective(alpha=mopd.alpha, eps_low=mopd.eps_low, eps_high=mopd.eps_high,
                               use_teacher=mopd.use_teacher)
-    update = jax.jit(make_update(model, model_cfg, train_cfg, objective, optimizer,
-                                 len(mopd.domains), mopd.routing_replay))
-    step = MopdStep(model, update, teachers, rewards, tokenizer, mopd)
+    # The batch arrives placed (`MopdStep`): its shardings are the arrays' own.
+    update = parallelism.jit(make_update(model, model_cfg, train_cfg, objective, optimizer,
+                                         len(mopd.domains), mopd.routing_replay),
+                             (state_shardings, None, parallelism.replicated),
+                             (state_shardings, parallelism.replicated))
+    step = MopdStep(model, update, teachers, rewards, tokenizer, mopd, parallelism)
 
     checkpointer = Checkpointer(workdir, train_cfg)
     meta = {"architecture": architecture(model_cfg), "tokenizer": tokenizer.fingerprint(),
@@ -181,13 +217,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         start = checkpointer.latest_step() or 0
         batches = resume_batches(checkpointer, start, meta, lambda: PromptStream(
             pools, mopd.prompts_per_domain, mopd.seed))
-        abstract = jax.eval_shape(lambda: init_state(model, optimizer, train_cfg.seed))
         if start:
-            state = checkpointer.restore_state(start, abstract)
+            state = checkpointer.restore_state(start, jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                state_shardings))
             log(f"resumed from {checkpointer.directory / str(start)}")
         else:
-            params = init_from.load_params(source, model_cfg)
-            state = jax.jit(lambda p: state_from_params(p, optimizer, train_cfg.seed))(params)
+            params = init_from.load_params(source, model_cfg, shardings=param_shardings)
+            state = parallelism.jit(lambda p: state_from_params(p, optimizer, train_cfg.seed),
+                                    (param_shardings,), state_shardings)(params)
         return _train(state, batches, step, start, configs, workdir, checkpointer, meta,
                       tokenizer, stop_requested)
     finally:
@@ -215,7 +253,8 @@ def _train(state: TrainState, batches, step: MopdStep, start: int, configs: Mopd
         held_out = _held_out(mopd)
         evaluation = None
         if held_out:
-            accuracy = HeldOutAccuracy(step.model, tokenizer, held_out, mopd.max_response_tokens)
+            accuracy = HeldOutAccuracy(step.model, tokenizer, held_out, mopd.max_response_tokens,
+                                       step.parallelism)
             evaluation = loop.add_hook(
                 Evaluation(accuracy, writer, progress.message, at_start=train_cfg.eval_every > 0,
                            describe=_describe_accuracy), every=train_cfg.eval_every)
