@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from mimo_jax.cli import run_command
+from mimo_jax.cli import exit_after_run, run_command
 from mimo_jax.convert import hf
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
 from mimo_jax.inference.generation import generate
@@ -160,7 +160,7 @@ def _run(argv: list[str]) -> None:
                       sampling=sampling, seed=_SEED.value, stream=_STREAM.value,
                       parallelism=parallelism)
     except ValueError as err:  # every error of bad input here is one (config, checkpoint, data)
-        sys.exit(f"error: {err}")
+        exit_after_run(f"error: {err}")
     if _STREAM.value:
         line = (f"{figures['tokens']} tokens; first after {figures['first_token_s']:.2f} s "
                 f"(compilation and prefill), then {figures['tokens_per_s']:.1f} tokens/s")

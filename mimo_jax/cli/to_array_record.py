@@ -10,12 +10,11 @@ with one line `error: ...` and exit status 1.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 from absl import app, flags
 
-from mimo_jax.cli import run_command
+from mimo_jax.cli import exit_after_run, run_command
 from mimo_jax.data import token_shards
 from mimo_jax.data.errors import DataError
 
@@ -53,7 +52,7 @@ def _run(argv: list[str]) -> None:
             jsonl_field=_JSONL_FIELD.value, split=_SPLIT.value, eval_percent=_EVAL_PERCENT.value,
             seqio_feature=_FEATURE.value, overwrite=_OVERWRITE.value)
     except DataError as err:
-        sys.exit(f"error: {err}")
+        exit_after_run(f"error: {err}")
     print(f"wrote {metadata['num_records']:,} documents, {metadata['num_tokens']:,} tokens in "
           f"{len(metadata['shards'])} shards to {_OUTPUT_DIR.value}")
 
