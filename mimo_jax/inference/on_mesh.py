@@ -33,10 +33,14 @@ def splits_experts(parallelism: Parallelism) -> bool:
     return math.prod(parallelism.mesh.shape[a] for a in axes) > 1
 
 
+def batch_axes(parallelism: Parallelism) -> tuple[str, ...]:
+    """The mesh axes the rules split the batch (rows) over."""
+    return spec_axes(mesh_axes(("batch",), parallelism.rules)[0])
+
+
 def batch_shards(parallelism: Parallelism) -> int:
     """How many pieces the rules cut the batch (rows) into on this mesh."""
-    axes = spec_axes(mesh_axes(("batch",), parallelism.rules)[0])
-    return math.prod(parallelism.mesh.shape[a] for a in axes)
+    return math.prod(parallelism.mesh.shape[a] for a in batch_axes(parallelism))
 
 
 def decoding_config(config: ModelConfig, parallelism: Parallelism) -> ModelConfig:
@@ -51,11 +55,10 @@ def check_batch(batch: int, parallelism: Parallelism) -> None:
     """Decoding splits the rows over the batch axes: `batch` must be a multiple of them."""
     shards = batch_shards(parallelism)
     if batch % shards:
-        axes = spec_axes(mesh_axes(("batch",), parallelism.rules)[0])
         raise ValueError(f"decoding over mesh {dict(parallelism.mesh.shape)}: batch {batch} does "
-                         f"not split over the batch axes {axes} ({shards} pieces); use a batch "
-                         f"that is a multiple of {shards}, or put the devices on axes that do not "
-                         "split the batch (e.g. tensor)")
+                         f"not split over the batch axes {batch_axes(parallelism)} ({shards} "
+                         f"pieces); use a batch that is a multiple of {shards}, or put the "
+                         "devices on axes that do not split the batch (e.g. tensor)")
 
 
 def place_params(model: MiMoV2Flash, params: Any, parallelism: Parallelism) -> Any:

@@ -53,7 +53,8 @@ from mimo_jax.train.mopd_objective import MopdObjective
 from mimo_jax.train.mopd_step import MopdStep, Teacher, make_update
 from mimo_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from mimo_jax.train.state import TrainState, init_state, state_from_params
-from mimo_jax.train.trainer import RunResult, resume_batches, save_config
+from mimo_jax.train.trainer import (RunResult, abstract_with_shardings, resume_batches,
+                                    save_config)
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -218,9 +219,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         batches = resume_batches(checkpointer, start, meta, lambda: PromptStream(
             pools, mopd.prompts_per_domain, mopd.seed))
         if start:
-            state = checkpointer.restore_state(start, jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                state_shardings))
+            state = checkpointer.restore_state(start,
+                                               abstract_with_shardings(abstract, state_shardings))
             log(f"resumed from {checkpointer.directory / str(start)}")
         else:
             params = init_from.load_params(source, model_cfg, shardings=param_shardings)

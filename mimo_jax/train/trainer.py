@@ -113,7 +113,9 @@ def _data_stream(config: DataConfig, shard: pipeline.ProcessShard) -> dict[str, 
     return stream
 
 
-def _abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """`abstract` (ShapeDtypeStructs) with each leaf's sharding from `shardings` (what a
+    checkpoint restores into)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
 
@@ -410,7 +412,7 @@ def train(setup: RunSetup, batches: Batches, stop_requested: Callable[[], bool],
                            count_zero_grads=setup.count_zero_grads)
     if start:
         state = checkpointer.restore_state(
-            start, _abstract_with_shardings(program.abstract_state, program.state_shardings))
+            start, abstract_with_shardings(program.abstract_state, program.state_shardings))
         log(f"resumed from {checkpointer.directory / str(start)}")
     else:
         state = setup.initial_state(program)
