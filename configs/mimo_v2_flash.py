@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     runtime.dtype = "bfloat16"
     runtime.attention_impl = "auto"
     runtime.attention_chunk_size = 128
-    runtime.moe_impl = "expert_parallel"  # falls back to ragged when experts are not split
+    runtime.moe_impl = "expert_parallel"  # the one-device dispatch when experts are not split
     runtime.remat_policy = "full"
     runtime.expert_capacity_factor = 1.25  # receive buffer vs balanced load; 0 = dropless
     runtime.expert_transport = "auto"  # ragged_all_to_all on TPU/GPU

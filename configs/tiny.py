@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_experts_per_token = 4
     model.init_std = 0.02
     model.num_mtp_heads = 2
-    model.runtime.update(dtype="float32", attention_chunk_size=32, moe_impl="dense",
+    model.runtime.update(dtype="float32", attention_chunk_size=32, moe_impl="auto",
                          remat_policy="none", expert_capacity_factor=0.0)
 
     # A few minutes on 2 CPU cores: the embedded stdlib corpus in pieces of at most 2 KB (so every

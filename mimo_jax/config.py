@@ -32,7 +32,7 @@ DENSE = "dense"
 MOE = "moe"
 
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "pallas")
-MOE_IMPLS = ("dense", "ragged", "blocked", "gathered", "expert_parallel")
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gathered", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -44,8 +44,11 @@ class RuntimeConfig(Section):
     dtype: compute dtype (parameters are cast to it in each matmul; `param_dtype` is stored).
     attention_impl, attention_chunk_size: attention backend ("auto" picks per device) and the
       query/key block of the chunked one.
-    moe_impl: routed-expert dispatch ("expert_parallel" is "ragged" when experts are not split;
-      a one-device backend runs "gathered" on calls with fewer token copies than experts).
+    moe_impl: routed-expert dispatch. "auto" (the default) is "expert_parallel" where the mesh
+      splits the experts and otherwise the fastest one-device dispatch for the backend
+      ("blocked" on CPU, "ragged" on TPU and GPU); "expert_parallel" without split experts is
+      that same one-device dispatch; a one-device backend runs "gathered" on calls with fewer
+      token copies than experts (decoding at small batch).
     remat_policy: what a decoder layer keeps for the backward pass.
     expert_capacity_factor: the expert-parallel receive buffer holds ceil(factor * expected token
       copies per shard) rows; copies past it are dropped. 0 means dropless (the worst case).
@@ -58,10 +61,16 @@ class RuntimeConfig(Section):
     dtype: str = option("float32", check=one_of(DTYPES))
     attention_impl: str = option("auto", check=one_of(ATTENTION_IMPLS))
     attention_chunk_size: int = option(128, check=at_least(1))
-    moe_impl: str = option("ragged", check=one_of(MOE_IMPLS))
+    moe_impl: str = option("auto", check=one_of(MOE_IMPLS))
     remat_policy: str = option("none", check=one_of(REMAT_POLICIES))
     expert_capacity_factor: float = option(0.0, check=at_least(0, "0 = dropless"))
     expert_transport: str = option("auto", check=one_of(EXPERT_TRANSPORTS))
+
+    @property
+    def expert_parallel_when_split(self) -> bool:
+        """Whether a mesh that splits the experts runs the expert-parallel dispatch (with its
+        receive capacity) rather than the compiler gathering every expert's weights."""
+        return self.moe_impl in ("expert_parallel", "auto")
 
 
 RUNTIME_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))

@@ -134,7 +134,7 @@ def test_section_defaults_and_derived_values():
 def test_architecture_leaves_out_the_runtime():
     config = model_config_from_dict(tiny.get_config().model)
     faster = with_runtime(config, moe_impl="ragged", dtype="bfloat16", remat_policy="full")
-    assert faster.runtime.moe_impl == "ragged" and config.runtime.moe_impl == "dense"
+    assert faster.runtime.moe_impl == "ragged" and config.runtime.moe_impl == "auto"
     assert architecture(faster) == architecture(config)
     assert "runtime" not in architecture(config) and "scan_layers" in architecture(config)
     assert architecture(replace_model(config, num_mtp_heads=1)) != architecture(config)

@@ -53,8 +53,9 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = of
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _DTYPE = flags.DEFINE_string("dtype", "", "Compute dtype override (e.g. float32, bfloat16).")
-_MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (dense, ragged): dense is "
-                                "the faster on CPU, ragged computes only the chosen experts.")
+_MOE_IMPL = flags.DEFINE_string("moe_impl", "", "MoE dispatch override (auto, dense, ragged, "
+                                "blocked, gathered); empty = the checkpoint's (auto picks the "
+                                "fastest for the backend).")
 _MESH = flags.DEFINE_string("mesh", "", "Decode over a mesh of this host's devices, sizes per "
                             "axis (e.g. tensor=2,expert=4; axes data, fsdp, expert, context, "
                             "tensor); empty = one device.")

@@ -194,7 +194,7 @@ class _Activations:
             self.sizes[a] for a in rules_lib.spec_axes(expert_spec[2])))
         n = self.local_tokens
         copies = n * k
-        if cfg.runtime.moe_impl == "expert_parallel" and shards > 1:
+        if cfg.runtime.expert_parallel_when_split and shards > 1:
             rows = receive_capacity(n, k, shards, e // shards,
                                     cfg.runtime.expert_capacity_factor)
             dots = [router, rows * f_local * self.compute * 2, rows * d * self.compute]

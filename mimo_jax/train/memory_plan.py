@@ -81,12 +81,12 @@ def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
     header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
               f"micro-batch(es); compute {runtime.dtype}; MoE {runtime.moe_impl}"
               + (f" (capacity factor {runtime.expert_capacity_factor:g})"
-                 if runtime.moe_impl == "expert_parallel" else ""))
+                 if runtime.expert_parallel_when_split else ""))
     table = format_plan(plan, header)
     split = expert_axes(mesh_config, plan.axis_sizes)
-    if split and runtime.moe_impl == "expert_parallel":
+    if split and runtime.expert_parallel_when_split:
         table += "\n" + capacity_note(model_config)
-    if split and runtime.moe_impl != "expert_parallel":
+    if split and not runtime.expert_parallel_when_split:
         table += (f"\nnote: experts are split over {split} but model.runtime.moe_impl="
                   f"{runtime.moe_impl!r}; set --config.model.runtime.moe_impl=expert_parallel so "
                   "tokens travel to the experts instead of the compiler gathering every "

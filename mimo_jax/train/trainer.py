@@ -373,7 +373,7 @@ def _add_hooks(loop: TrainLoop, setup: RunSetup, program: StepProgram, writer: M
     evaluate; export and plot at the end."""
     train_cfg, workdir, checkpointer = setup.configs.train, setup.workdir, setup.checkpointer
     runtime = setup.configs.model.runtime
-    can_drop = runtime.moe_impl == "expert_parallel" and runtime.expert_capacity_factor > 0
+    can_drop = runtime.expert_parallel_when_split and runtime.expert_capacity_factor > 0
     loop.add_hook(MetricsLog(writer, progress, steps=train_cfg.steps,
                              log_every=train_cfg.log_every, record_keys=setup.record_keys,
                              progress_keys=setup.progress_keys + (

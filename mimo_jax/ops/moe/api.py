@@ -10,7 +10,10 @@ Every backend runs the routed experts on the same inputs and returns the same re
                    (`gathered.py`): reads k of E experts per token; for decoding.
   expert_parallel  the experts split over mesh axes, token copies exchanged with all-to-all
                    (`expert_parallel.py`); without a mesh that splits the experts it is the
-                   ragged dispatch.
+                   fastest one-device dispatch.
+  auto             expert_parallel when the mesh axes split the experts, else the fastest
+                   one-device dispatch for the backend (`local_choice.py`: blocked on CPU,
+                   ragged on TPU and GPU). The default.
 The model makes one call whatever the backend; the backend is a config value. Whatever it is,
 a one-device call with so few tokens that T*k < E (decoding at small batch) runs `gathered`:
 it reads only the chosen experts' weights, and weight reads are what such a call costs.
@@ -30,6 +33,7 @@ from mimo_jax.ops.moe import expert_parallel
 from mimo_jax.ops.moe.blocked import blocked_dispatch
 from mimo_jax.ops.moe.dense import dense_dispatch
 from mimo_jax.ops.moe.gathered import gathered_dispatch, reads_fewer_weights
+from mimo_jax.ops.moe.local_choice import fastest_one_device_impl
 from mimo_jax.ops.moe.ragged import ragged_dispatch
 
 
@@ -85,14 +89,26 @@ IMPLEMENTATIONS: dict[str, Callable[..., jax.Array]] = {
     "blocked": _blocked,
     "gathered": _gathered,
     "expert_parallel": _expert_parallel,
+    "auto": None,  # resolved per call by `resolve_impl`
 }
 IMPLS = tuple(IMPLEMENTATIONS)
 # Backends with every expert on the one device, which `gathered` may stand in for.
 _ONE_DEVICE = ("dense", "ragged", "blocked")
 
 
+def resolve_impl(impl: str, mesh_axes: tuple | None) -> str:
+    """The backend `impl` names for a call with these `mesh_axes`: "auto" becomes
+    "expert_parallel" when the current mesh splits the experts (`mesh_axes[1]`'s first entry),
+    else the fastest one-device dispatch for the backend; other names stay."""
+    if impl != "auto":
+        return impl
+    if mesh_axes is not None and expert_parallel.splits_experts(mesh_axes[1]):
+        return "expert_parallel"
+    return fastest_one_device_impl()
+
+
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
-             w_up: jax.Array, w_down: jax.Array, *, impl: str = "dense",
+             w_up: jax.Array, w_down: jax.Array, *, impl: str = "auto",
              token_mask: jax.Array | None = None, mesh_axes: tuple | None = None,
              options: expert_parallel.ExpertParallelOptions | None = None,
              with_drops: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
@@ -102,7 +118,8 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
       x: [..., D] tokens ([T, D] or [B, T, D]; expert_parallel needs [B, T, D]).
       weights, indices: [..., k] gate weights and expert ids (from `routing.route`).
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
-      impl: one of `IMPLS`; a one-device backend gives way to `gathered` when T*k < E.
+      impl: one of `IMPLS` ("auto" resolved by `resolve_impl`); a one-device backend gives way
+        to `gathered` when T*k < E.
       token_mask: [...] bool, False for padding: its output is zero (and expert parallelism does
         not send it). None = every token is real.
       mesh_axes: optional (x, w_gate) mesh PartitionSpecs of [batch, length, embed] and
@@ -116,6 +133,7 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
     """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"MoE impl {impl!r} is not one of {IMPLS}")
+    impl = resolve_impl(impl, mesh_axes)
     num_tokens = x.size // x.shape[-1]
     if impl in _ONE_DEVICE and reads_fewer_weights(num_tokens, indices.shape[-1],
                                                    w_gate.shape[0]):

@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from mimo_jax.ops.moe.blocked import blocked_dispatch
+from mimo_jax.ops.moe.local_choice import fastest_one_device_impl
 from mimo_jax.ops.moe.ragged import ragged_dispatch
 from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
@@ -202,6 +204,24 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
     return jax.ops.segment_sum(weighted, token_of_copy, num_segments=num_tokens), dropped
 
 
+def _expert_axes_and_sizes(weight_spec: P, mesh) -> tuple[tuple[str, ...], dict[str, int]]:
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return spec_axes(pad_spec(weight_spec, 3)[0]), ({} if mesh.empty else dict(mesh.shape))
+
+
+def splits_experts(weight_spec: P | None,
+                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> bool:
+    """Whether `weight_spec` (of w_gate [experts, embed, mlp]) splits the experts over mesh
+    axes of more than one device in `mesh` (default: the current mesh)."""
+    if weight_spec is None:
+        return False
+    expert_axes, sizes = _expert_axes_and_sizes(weight_spec, mesh)
+    return math.prod(sizes.get(a, 1) for a in expert_axes) > 1
+
+
+_LOCAL_DISPATCH = {"blocked": blocked_dispatch, "ragged": ragged_dispatch}
+
+
 def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.Array,
              w_up: jax.Array, w_down: jax.Array, *, token_mask: jax.Array | None,
              token_spec: P, weight_spec: P,
@@ -221,8 +241,8 @@ def dispatch(x: jax.Array, weights: jax.Array, indices: jax.Array, w_gate: jax.A
         the mesh axes that split the experts.
       options: receive-buffer capacity and transport (the model's `RuntimeConfig`).
       mesh: defaults to the current mesh (`jax.sharding.get_abstract_mesh()`).
-    Without a mesh, or when the experts are not split, this is the local dropless dispatch
-    (`ragged.ragged_dispatch`) with padding outputs zeroed: the same result.
+    Without a mesh, or when the experts are not split, this is the fastest local dropless
+    dispatch for the backend (`local_choice`) with padding outputs zeroed: the same result.
     """
     y, dropped = _dispatch(x, weights, indices, w_gate, w_up, w_down, token_mask=token_mask,
                            token_spec=token_spec, weight_spec=weight_spec, options=options,
@@ -237,11 +257,11 @@ def _dispatch(x, weights, indices, w_gate, w_up, w_down, *, token_mask, token_sp
     if token_mask is None:
         token_mask = jnp.ones((b, t), bool)
     token_spec, weight_spec = pad_spec(token_spec, 3), pad_spec(weight_spec, 3)
-    expert_axes = spec_axes(weight_spec[0])
-    sizes = {} if mesh.empty else dict(mesh.shape)
-    if not expert_axes or math.prod(sizes.get(a, 1) for a in expert_axes) == 1:
-        y = ragged_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
-                            indices.reshape(b * t, -1), w_gate, w_up, w_down)
+    expert_axes, sizes = _expert_axes_and_sizes(weight_spec, mesh)
+    if not splits_experts(weight_spec, mesh):
+        local_dispatch = _LOCAL_DISPATCH[fastest_one_device_impl()]
+        y = local_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
+                           indices.reshape(b * t, -1), w_gate, w_up, w_down)
         y = jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
         return y, jnp.zeros((), jnp.int32)
     if w_gate.shape[0] % math.prod(sizes[a] for a in expert_axes):

@@ -16,6 +16,7 @@ import pytest
 
 from compile_options import QUICK_COMPILE
 from mimo_jax.ops import moe as moe_ops
+from mimo_jax.ops.moe.local_choice import fastest_one_device_impl
 from mimo_jax.parallel import Parallelism, mesh_config_from_dict
 from mimo_jax.parallel.rules import mesh_axes
 from attention_inputs import relative_error
@@ -166,3 +167,22 @@ def test_few_tokens_read_only_their_experts(impl):
         w_more, i_more, _ = moe_ops.route(jnp.concatenate([logits, logits[:1]]), jnp.zeros(E), K)
         assert np.isnan(np.asarray(moe_ops.dispatch(x_more, w_more, i_more, *poisoned,
                                                     impl="dense"))).any()
+
+
+def test_auto_runs_expert_parallel_on_split_experts_and_else_the_fastest_local_dispatch():
+    """The rule of `impl="auto"` (`local_choice`): expert parallelism where the mesh splits the
+    experts, the blocked dispatch on one CPU device, ragged dot on TPU and GPU."""
+    parallelism = Parallelism.from_config(mesh_config_from_dict(dict(ici="fsdp=2,expert=4",
+                                                                     rules="fsdp_ep")))
+    axes = (mesh_axes(("batch", "length", "embed"), parallelism.rules),
+            mesh_axes(("experts", "embed", "mlp"), parallelism.rules))
+    fsdp_only = Parallelism.from_config(mesh_config_from_dict(dict(ici="fsdp=8", rules="fsdp")))
+    with jax.set_mesh(parallelism.mesh):
+        assert moe_ops.resolve_impl("auto", axes) == "expert_parallel"
+        assert moe_ops.resolve_impl("ragged", axes) == "ragged"
+    with jax.set_mesh(fsdp_only.mesh):
+        local_axes = (None, mesh_axes(("experts", "embed", "mlp"), fsdp_only.rules))
+        assert moe_ops.resolve_impl("auto", local_axes) == "blocked"
+    assert moe_ops.resolve_impl("auto", None) == "blocked"
+    assert [fastest_one_device_impl(b) for b in ("cpu", "tpu", "gpu")] == [
+        "blocked", "ragged", "ragged"]
