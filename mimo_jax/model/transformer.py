@@ -269,8 +269,13 @@ class MiMoV2Flash(nn.Module):
         logits = self.logits(hidden)
         mtp_logits = None
         if return_mtp and self.mtp_heads:
-            mtp_logits = jnp.stack([self.mtp_logits(normed) for normed in
-                                    self.mtp_hidden(hidden, tokens, positions, segment_ids)])
+            # One LM-head product over all heads: its gradient is then one [M, B, T, V] array
+            # that the weight gradient reads in whatever layout it likes, where a stack of
+            # per-head products makes XLA:CPU copy each head's gradient into a transposed one.
+            normed = jnp.stack(self.mtp_hidden(hidden, tokens, positions, segment_ids))
+            heads, batch = normed.shape[:2]
+            mtp_logits = self.mtp_logits(normed.reshape((heads * batch,) + normed.shape[2:]))
+            mtp_logits = mtp_logits.reshape((heads, batch) + mtp_logits.shape[1:])
         if moe_stats:
             load = jnp.stack([s["load"] for s in moe_stats])
             balance = sum(s["balance_loss"] for s in moe_stats)

@@ -43,13 +43,34 @@ def cross_entropy_sum(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Arr
     return jnp.sum(jnp.where(valid, per_token, 0.0))
 
 
+def stacked_cross_entropy_sums(mtp_logits: jax.Array, tokens: jax.Array,
+                               segment_ids: jax.Array, counted: jax.Array | None = None
+                               ) -> jax.Array:
+    """[M] sums of the MTP heads' cross-entropies, head k (0-based) on token t+k+2.
+
+    mtp_logits: [M, B, T, V]; counted: optional [M, B, T] bool, the positions that count besides
+    the in-document rule (e.g. response targets). One cross-entropy over the stacked logits, not
+    one per head slice: the gradient then comes back as one [M, B, T, V] array, where per-head
+    slices make XLA:CPU add them into the stack through a transposing copy of every head's
+    logits gradient (about a tenth of the tiny train step).
+    """
+    shifted = [shift_left(tokens, segment_ids, k + 2) for k in range(mtp_logits.shape[0])]
+    targets = jnp.stack([target for target, _ in shifted])  # [M, B, T]
+    valid = jnp.stack([valid for _, valid in shifted])
+    if counted is not None:
+        valid = valid & counted
+    per_token = optax.losses.softmax_cross_entropy_with_integer_labels(
+        mtp_logits.astype(jnp.float32), targets)
+    return jnp.sum(jnp.where(valid, per_token, 0.0), axis=(1, 2))
+
+
 def loss_sums(output: Any, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """[1 + M] summed cross-entropies: main head, then each MTP head, for one (micro-)batch."""
-    sums = [cross_entropy_sum(output.logits, tokens, segment_ids, 1)]
-    if output.mtp_logits is not None:
-        for k in range(output.mtp_logits.shape[0]):
-            sums.append(cross_entropy_sum(output.mtp_logits[k], tokens, segment_ids, k + 2))
-    return jnp.stack(sums)
+    main = cross_entropy_sum(output.logits, tokens, segment_ids, 1)[None]
+    if output.mtp_logits is None:
+        return main
+    return jnp.concatenate([main, stacked_cross_entropy_sums(output.mtp_logits, tokens,
+                                                             segment_ids)])
 
 
 def total_loss(ce_sums: jax.Array, counts: jax.Array, balance_loss: jax.Array,

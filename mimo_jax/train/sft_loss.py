@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from mimo_jax.model.mtp import shift_left
+from mimo_jax.train.losses import stacked_cross_entropy_sums
 
 
 def response_targets(segment_ids: jax.Array, loss_mask: jax.Array, shift: int) -> jax.Array:
@@ -37,12 +38,13 @@ def masked_cross_entropy_sum(logits: jax.Array, tokens: jax.Array, segment_ids: 
 def sft_loss_sums(output: Any, tokens: jax.Array, segment_ids: jax.Array,
                   loss_mask: jax.Array) -> jax.Array:
     """[1 + M] summed response cross-entropies: main head, then each MTP head."""
-    sums = [masked_cross_entropy_sum(output.logits, tokens, segment_ids, loss_mask, 1)]
-    if output.mtp_logits is not None:
-        for k in range(output.mtp_logits.shape[0]):
-            sums.append(masked_cross_entropy_sum(output.mtp_logits[k], tokens, segment_ids,
-                                                 loss_mask, k + 2))
-    return jnp.stack(sums)
+    main = masked_cross_entropy_sum(output.logits, tokens, segment_ids, loss_mask, 1)[None]
+    if output.mtp_logits is None:
+        return main
+    counted = jnp.stack([response_targets(segment_ids, loss_mask, k + 2)
+                         for k in range(output.mtp_logits.shape[0])])
+    return jnp.concatenate([main, stacked_cross_entropy_sums(output.mtp_logits, tokens,
+                                                             segment_ids, counted)])
 
 
 def sft_target_counts(segment_ids: jax.Array, loss_mask: jax.Array,
