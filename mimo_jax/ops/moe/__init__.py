@@ -19,5 +19,6 @@ from mimo_jax.ops.moe.routing import (expert_load, gate_weights, replay_mismatch
                                       update_correction_bias)
 
 __all__ = ["IMPLEMENTATIONS", "IMPLS", "dense_dispatch", "dispatch", "expert_load",
-           "gate_weights", "ragged_dispatch", "replay_mismatch", "replayed_indices", "resolve_impl", "route",
-           "sequence_balance_loss", "sort_by_expert", "update_correction_bias"]
+           "gate_weights", "ragged_dispatch", "replay_mismatch", "replayed_indices",
+           "resolve_impl", "route", "sequence_balance_loss", "sort_by_expert",
+           "update_correction_bias"]
