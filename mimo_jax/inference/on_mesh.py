@@ -21,6 +21,7 @@ import numpy as np
 
 from mimo_jax.config import ModelConfig, with_runtime
 from mimo_jax.model.transformer import MiMoV2Flash
+from mimo_jax.ops.moe import expert_parallel
 from mimo_jax.ops.spec_axes import spec_axes
 from mimo_jax.parallel import Parallelism
 from mimo_jax.parallel.rules import mesh_axes
@@ -29,8 +30,8 @@ from mimo_jax.parallel.sharding import shardings_like_params
 
 def splits_experts(parallelism: Parallelism) -> bool:
     """Whether the mesh splits the experts (the rules map `experts` onto axes of size > 1)."""
-    axes = spec_axes(mesh_axes(("experts",), parallelism.rules)[0])
-    return math.prod(parallelism.mesh.shape[a] for a in axes) > 1
+    return expert_parallel.splits_experts(mesh_axes(("experts",), parallelism.rules),
+                                          parallelism.mesh)
 
 
 def batch_axes(parallelism: Parallelism) -> tuple[str, ...]:

@@ -205,8 +205,13 @@ def _local_experts(tokens, weights, indices, mask, w_gate, w_up, w_down, *, expe
 
 
 def _expert_axes_and_sizes(weight_spec: P, mesh) -> tuple[tuple[str, ...], dict[str, int]]:
+    """The mesh axes splitting the experts, and every axis's size (none without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     return spec_axes(pad_spec(weight_spec, 3)[0]), ({} if mesh.empty else dict(mesh.shape))
+
+
+def _expert_shards(expert_axes: tuple[str, ...], sizes: dict[str, int]) -> int:
+    return math.prod(sizes.get(a, 1) for a in expert_axes)
 
 
 def splits_experts(weight_spec: P | None,
@@ -215,8 +220,7 @@ def splits_experts(weight_spec: P | None,
     axes of more than one device in `mesh` (default: the current mesh)."""
     if weight_spec is None:
         return False
-    expert_axes, sizes = _expert_axes_and_sizes(weight_spec, mesh)
-    return math.prod(sizes.get(a, 1) for a in expert_axes) > 1
+    return _expert_shards(*_expert_axes_and_sizes(weight_spec, mesh)) > 1
 
 
 _LOCAL_DISPATCH = {"blocked": blocked_dispatch, "ragged": ragged_dispatch}
@@ -258,13 +262,13 @@ def _dispatch(x, weights, indices, w_gate, w_up, w_down, *, token_mask, token_sp
         token_mask = jnp.ones((b, t), bool)
     token_spec, weight_spec = pad_spec(token_spec, 3), pad_spec(weight_spec, 3)
     expert_axes, sizes = _expert_axes_and_sizes(weight_spec, mesh)
-    if not splits_experts(weight_spec, mesh):
+    if _expert_shards(expert_axes, sizes) == 1:
         local_dispatch = _LOCAL_DISPATCH[fastest_one_device_impl()]
         y = local_dispatch(x.reshape(b * t, d), weights.reshape(b * t, -1),
                            indices.reshape(b * t, -1), w_gate, w_up, w_down)
         y = jnp.where(token_mask[..., None], y.reshape(b, t, d), jnp.zeros((), x.dtype))
         return y, jnp.zeros((), jnp.int32)
-    if w_gate.shape[0] % math.prod(sizes[a] for a in expert_axes):
+    if w_gate.shape[0] % _expert_shards(expert_axes, sizes):
         raise ValueError(f"{w_gate.shape[0]} experts do not split over mesh axes {expert_axes} "
                          f"of sizes {[sizes[a] for a in expert_axes]}")
 
