@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_mtp_heads = 1  # 3 for post-training and speculative decoding
     model.param_dtype = "float32"
     model.scan_layers = True
+    # FP8 (e4m3, block-scaled) GEMMs in q/k/v, the dense FFN and the experts, as the report
+    # pre-trains (mimo_jax/ops/fp8); o_proj, embedding and LM head stay bf16, the router float32.
+    model.fp8 = True
     # How the model is computed (mimo_jax.config.RuntimeConfig): may change between runs of one
     # checkpoint, e.g. --config.model.runtime.moe_impl=ragged.
     model.runtime = runtime = ml_collections.ConfigDict()
@@ -115,4 +118,7 @@ def get_config() -> ml_collections.ConfigDict:
     # A fresh run's first parameters: another run's workdir or params export (the previous
     # pretraining stage; configs/stages/); "" = a random initialisation.
     config.init_from = ""
+    # Also carry init_from's AdamW moments (a training workdir's newest checkpoint), as a stage
+    # continuing the previous one's optimisation may; False starts the optimizer fresh.
+    config.init_from_optimizer = False
     return config

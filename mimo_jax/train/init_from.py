@@ -5,14 +5,18 @@ pretraining stage.
     init_from.check_architecture(source, run_model_config)           # CheckpointError on mismatch
     init_from.check_tokenizer(source, run_tokenizer)                 # CheckpointError on mismatch
     params = init_from.load_params(source, run_model_config, shardings=param_shardings)
+    opt_state = init_from.load_optimizer_state(source, abstract_opt_state)  # optional
 
 `init_from` names one of:
   a params export    a directory with `model_config.json` and `params/` (`checkpoint.export_params`)
   a training workdir its newest checkpoint's parameters (from `checkpoints/`), else its `export/`
   a Hugging Face dir `config.json` and `*.safetensors` (`mimo_jax.convert.hf`)
 
-This is not resuming: only the parameters (router biases included) are read; the optimizer,
-the step, the RNG and the data position of the new run start fresh. The saved model's
+This is not resuming: only the parameters (router biases included) are read; the step, the RNG
+and the data position of the new run start fresh, and so does the optimizer unless the run sets
+`init_from_optimizer` (a pretraining stage continuing the previous one's AdamW moments and their
+bias-correction count, read from a training checkpoint: an export or a Hugging Face directory
+holds none). The saved model's
 architecture must be the run's (`config.architecture`, compared field by field), except:
   - `init_std`, which only shapes a fresh initialisation;
   - a Hugging Face directory's `scan_layers` and `param_dtype`, which that format does not fix
@@ -38,7 +42,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from mimo_jax.config import RUNTIME_KEYS, ModelConfig, architecture, model_config_from_dict
-from mimo_jax.config_reader import parse_value
+from mimo_jax.config_reader import ConfigError, parse_value
 from mimo_jax.convert import hf
 from mimo_jax.convert.errors import CheckpointError as HfCheckpointError
 from mimo_jax.data.errors import DataError
@@ -51,6 +55,7 @@ TOKENIZER_FILE = "tokenizer.json"
 MODEL_CONFIG_FILE = "model_config.json"
 MTP_PREFIX = "mtp_"
 INIT_FROM_KEY = "init_from"
+OPTIMIZER_KEY = "init_from_optimizer"
 # Architecture fields that loaded parameters make irrelevant.
 _FRESH_INIT_ONLY = ("init_std",)
 # Architecture fields a pretraining stage may change from the previous stage's (the 256k
@@ -297,6 +302,49 @@ def load_params(source: InitSource, run_config: ModelConfig, *, shardings: Any =
     if _copies_heads(source.model_config, run_config, copy_mtp_head):
         params = copy_mtp_heads(params, run_config.num_mtp_heads)
     return params
+
+
+def check_optimizer_source(source: InitSource) -> None:
+    """Raises `CheckpointError` unless `source` holds an optimizer state (a training checkpoint)."""
+    if source.kind != CHECKPOINT:
+        raise CheckpointError(
+            f"{OPTIMIZER_KEY}=True reads the optimizer state of a training checkpoint, but "
+            f"init_from names a {source.describe()}, which holds parameters only (point "
+            f"init_from at the previous run's workdir, or set {OPTIMIZER_KEY}=False)")
+
+
+def load_optimizer_state(source: InitSource, abstract: Any) -> Any:
+    """The optimizer state saved in `source`'s checkpoint, laid out as `abstract` (the run's
+    optax state as ShapeDtypeStructs with shardings). The run's optimizer must be built like the
+    saved one (same transformations; the parameters' shapes are checked by `check_architecture`
+    first); a different layout raises `CheckpointError`."""
+    check_optimizer_source(source)
+    item = {"opt_state": abstract}
+    try:
+        with _checkpoint_manager(source.path.parent) as manager:
+            restored = manager.restore(int(source.path.name), args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True)))
+    except Exception as err:  # orbax raises several types for damaged or other layouts
+        raise CheckpointError(f"{OPTIMIZER_KEY}: the optimizer state of {source.describe()} "
+                              f"cannot be restored into this run's optimizer: "
+                              f"{type(err).__name__}: {err}") from err
+    return restored.state["opt_state"]
+
+
+def carries_optimizer(config: Any) -> bool:
+    """The run config's top-level `init_from_optimizer` (missing: False)."""
+    value = config.get(OPTIMIZER_KEY) if hasattr(config, "get") else None
+    return False if value is None else parse_value(bool, value, OPTIMIZER_KEY)
+
+
+def refuse_optimizer_carry(config: Any, trainer: str) -> None:
+    """Raises `ConfigError` when the run config asks a trainer that always starts its optimizer
+    fresh (post-training) to carry init_from's optimizer state."""
+    if carries_optimizer(config):
+        raise ConfigError(f"config key '{OPTIMIZER_KEY}' is True, but {trainer} starts its "
+                          "optimizer fresh from init_from's parameters (set it to False)")
 
 
 def init_from_path(config: Any) -> str:

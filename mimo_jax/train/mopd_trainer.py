@@ -76,6 +76,7 @@ def build_configs(config: ml_collections.ConfigDict) -> MopdConfigs:
         if section not in config:
             raise ConfigError(f"config has no {section!r} section")
     init_path = str(config.get("init_from") or "")
+    init_from.refuse_optimizer_carry(config, "MOPD")
     if not init_path:
         raise ConfigError("config key 'init_from' is empty: MOPD starts from a trained student "
                           "(a params export, a training workdir or a Hugging Face directory)")

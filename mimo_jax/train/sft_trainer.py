@@ -133,6 +133,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     configs = trainer.build_configs(config)
     sft = sft_config_from_dict(config.get("sft"))
     init_path = init_from.init_from_path(config)
+    init_from.refuse_optimizer_carry(config, "SFT")
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     _check_sources(data_cfg.train_sources, "data.train_sources")
     _check_sources(data_cfg.eval_sources, "data.eval_sources")

@@ -180,6 +180,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     configs = build_configs(config)
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     init_path = init_from.init_from_path(config)
+    carry_optimizer = init_from.carries_optimizer(config)
+    if carry_optimizer and not init_path:
+        raise ConfigError(f"config key '{init_from.OPTIMIZER_KEY}' is True but 'init_from' is "
+                          "empty: there is no optimizer state to carry")
     workdir = pathlib.Path(workdir).absolute()
     is_first = jax.process_index() == 0
     if is_first:
@@ -211,7 +215,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
-        source = _stage_source(source, start, model_cfg, tokenizer, log)
+        source = _stage_source(source, start, model_cfg, tokenizer, log, carry_optimizer)
         batches = resume_batches(checkpointer, start, meta, lambda: iter(pipeline.train_batches(
             data_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard)))
         if start < train_cfg.steps:
@@ -221,8 +225,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
             eval_batches = lambda: pipeline.eval_batches(  # noqa: E731
                 data_cfg, eval_sources, tokenizer, model_cfg.vocab_size, shard)
         setup = RunSetup(configs, workdir, parallelism, checkpointer, meta, start,
-                         initial_state=params_initial_state(source, train_cfg.seed, log,
-                                                            stage=True),
+                         initial_state=params_initial_state(
+                             source, train_cfg.seed, log, stage=True,
+                             carry_optimizer=carry_optimizer),
                          eval_batches=eval_batches, hooks=tuple(hooks))
         return train(setup, batches, stop_requested, log)
     finally:
@@ -232,10 +237,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
 
 
 def _stage_source(source: init_from.InitSource | None, start: int, model_config: ModelConfig,
-                  tokenizer: Any, log: Callable[[str], None]) -> init_from.InitSource | None:
+                  tokenizer: Any, log: Callable[[str], None],
+                  carry_optimizer: bool = False) -> init_from.InitSource | None:
     """`source` (the previous pretraining stage's parameters, from `init_from`) for a fresh
     run, after checking the architecture (the stage fields may change; the ones that do are
-    listed) and the tokenizer. None for a resumed run or without init_from."""
+    listed), the tokenizer, and with `carry_optimizer` that it holds an optimizer state. None
+    for a resumed run or without init_from."""
     if source is None:
         return None
     if start:
@@ -243,6 +250,8 @@ def _stage_source(source: init_from.InitSource | None, start: int, model_config:
         return None
     init_from.check_architecture(source, model_config, stage=True)
     init_from.check_tokenizer(source, tokenizer)
+    if carry_optimizer:
+        init_from.check_optimizer_source(source)
     changes = init_from.stage_changes(source, model_config)
     log(f"init_from: {source.describe()}; "
         + (f"stage changes: {'; '.join(changes)}" if changes else "same architecture"))
@@ -251,18 +260,26 @@ def _stage_source(source: init_from.InitSource | None, start: int, model_config:
 
 def params_initial_state(source: init_from.InitSource | None, seed: int,
                          log: Callable[[str], None], *, copy_mtp_head: bool = False,
-                         stage: bool = False) -> Callable[[StepProgram], TrainState]:
+                         stage: bool = False, carry_optimizer: bool = False
+                         ) -> Callable[[StepProgram], TrainState]:
     """A fresh run's first state: `source`'s parameters (in the step program's shardings) with a
-    new optimizer state, step 0 and an RNG from `seed`; a random initialisation from `seed`
-    when there is no source. `copy_mtp_head`, `stage`: see `init_from.load_params`."""
+    new optimizer state (`carry_optimizer`: the one saved with them), step 0 and an RNG from
+    `seed`; a random initialisation from `seed` when there is no source. `copy_mtp_head`,
+    `stage`: see `init_from.load_params`."""
     def initial_state(program: StepProgram) -> TrainState:
         if source is None:
             return program.initial_state(seed)
         params = init_from.load_params(source, program.model.config,
                                        shardings=program.state_shardings.params,
                                        copy_mtp_head=copy_mtp_head, stage=stage)
-        log(f"initialised from {source.describe()}")
-        return program.state_with_params(params, seed)
+        state = program.state_with_params(params, seed)
+        if carry_optimizer:
+            state = state.replace(opt_state=init_from.load_optimizer_state(
+                source, abstract_with_shardings(program.abstract_state.opt_state,
+                                                program.state_shardings.opt_state)))
+        log(f"initialised from {source.describe()}"
+            + (" with its optimizer state" if carry_optimizer else ""))
+        return state
     return initial_state
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs.stages import extend_256k, mid_training, pretrain_32k
-from mimo_jax.config import model_config_from_dict
+from mimo_jax.config import ConfigError, model_config_from_dict
 from mimo_jax.train import init_from, trainer
 from mimo_jax.train.checkpoint import CheckpointError, load_exported
 from mimo_jax.train.init_from import EXPORT
@@ -78,3 +78,55 @@ def test_pretraining_continues_a_short_stage_at_4x_the_length(tmp_path, micro, c
     moments = [np.abs(np.asarray(x)).max() for x in jax.tree.leaves(state.opt_state)
                if np.asarray(x).dtype == np.float32 and np.asarray(x).ndim]
     assert moments and max(moments) == 0.0  # a fresh AdamW state
+
+
+def test_a_stage_can_carry_the_previous_stages_optimizer_state(tmp_path, micro, corpus_dir):
+    """`init_from_optimizer=True`: the next stage starts from the saved AdamW moments and count
+    (not zeros) with step 0; an export, which holds no optimizer state, is refused before any
+    compilation, and so is the switch in a post-training config."""
+    first = micro.build_config(micro.micro_overrides(corpus_dir, **{
+        "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 2}))
+    trainer.run(first, tmp_path / "short", log=lambda line: None)
+    configs = trainer.build_configs(first)
+    program = trainer.step_program(configs, trainer.partition.make_parallelism(
+        configs.mesh, 1), configs.train.seed)
+    saved = trainer.Checkpointer(tmp_path / "short", configs.train).restore_state(
+        2, trainer.abstract_with_shardings(program.abstract_state, program.state_shardings))
+
+    overrides = {"init_from": str(tmp_path / "short"), "init_from_optimizer": True,
+                 "model.full.rope_theta": 5_000_000.0, "train.steps": 1,
+                 "train.eval_every": 0}
+    second = micro.build_config(micro.micro_overrides(corpus_dir, **overrides))
+    started = []
+    lines = []
+    trainer.run(second, tmp_path / "long", log=lines.append,
+                hooks=[_OnStart(started.append)])
+    state = started[0]
+    assert int(state.step) == 0
+    chex.assert_trees_all_equal(state.opt_state, jax.device_get(saved.opt_state))
+    assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(state.opt_state)
+               if np.asarray(x).ndim)
+    assert any("with its optimizer state" in line for line in lines)
+
+    from_export = micro.build_config(micro.micro_overrides(corpus_dir, **dict(
+        overrides, init_from=str(tmp_path / "short" / "export"))))
+    with pytest.raises(CheckpointError, match=r"init_from_optimizer=True reads the optimizer "
+                                              r"state of a training checkpoint.*params export"):
+        trainer.run(from_export, tmp_path / "from_export", log=lambda line: None)
+    no_source = micro.build_config(micro.micro_overrides(corpus_dir, **dict(
+        overrides, init_from="")))
+    with pytest.raises(ConfigError, match=r"'init_from_optimizer' is True but 'init_from' is "
+                                          r"empty"):
+        trainer.run(no_source, tmp_path / "no_source", log=lambda line: None)
+    with pytest.raises(ConfigError, match=r"'init_from_optimizer' is True, but SFT starts"):
+        init_from.refuse_optimizer_carry(second, "SFT")
+
+
+class _OnStart(trainer.Hook):
+    """Hands the loop's initial state to `keep`, copied to the host (the step donates it)."""
+
+    def __init__(self, keep):
+        self._keep = keep
+
+    def on_start(self, info):
+        self._keep(jax.device_get(info.state))
