@@ -9,6 +9,7 @@ work is done by the library modules each one names.
     python -m mimo_jax.summary            cli/summary.py          -> mimo_jax.model.param_count
     python -m mimo_jax.plan               cli/plan.py             -> mimo_jax.train.memory_plan
     python -m mimo_jax.ablate             cli/ablate.py           -> mimo_jax.ablation
+    python -m mimo_jax.eval.long_context  cli/long_context.py     -> mimo_jax.eval.context_eval
     python -m mimo_jax.data.to_array_record  cli/to_array_record.py -> mimo_jax.data.token_shards
 
 The module paths on the left stay what users and launch scripts type; each takes the command's
