@@ -113,6 +113,7 @@ def evaluate(model: MiMoV2Flash, params: Any, tokenizer: TextTokenizer,
     """Retrieval accuracy and bucketed perplexity at each length (a JSON-ready dict).
 
     accuracy[task][str(length)][str(depth)]: share of `samples` samples answered exactly.
+    answer_loss[task][str(length)]: mean loss (nats per id) of the answer ids, over all depths.
     perplexity[str(length)]: {"edges": bucket edges, "perplexity": one per bucket, "rows": the
     number of held-out documents at least `length` long that were scored (at most `samples`
     * `batch_size`); perplexity is None when none is that long}.
@@ -121,6 +122,7 @@ def evaluate(model: MiMoV2Flash, params: Any, tokenizer: TextTokenizer,
     stream = np.concatenate([np.append(d, tokenizer.eos_id or 0) for d in documents])
     forward = context_scoring.forward_fn(model)
     accuracy: dict = {task: {} for task in context_tasks.TASKS}
+    answer_loss: dict = {task: {} for task in context_tasks.TASKS}
     perplexity: dict = {}
     for length in lengths:
         for task in context_tasks.TASKS:
@@ -129,12 +131,14 @@ def evaluate(model: MiMoV2Flash, params: Any, tokenizer: TextTokenizer,
                      for depth in depths]
             flat = [s for cell in cells for s in cell]
             rows = np.stack([s.tokens for s in flat])
-            predictions, _ = context_scoring.run_rows(forward, params, rows, batch_size)
-            correct = context_scoring.answers_correct(
-                predictions, rows, np.asarray([s.answer_start for s in flat]))
+            starts = np.asarray([s.answer_start for s in flat])
+            predictions, nll = context_scoring.run_rows(forward, params, rows, batch_size)
+            correct = context_scoring.answers_correct(predictions, rows, starts)
             accuracy[task][str(length)] = {
                 str(depth): float(correct[i * samples:(i + 1) * samples].mean())
                 for i, depth in enumerate(depths)}
+            answer_loss[task][str(length)] = float(
+                context_scoring.answer_loss(nll, starts).mean())
             log(f"{task} at {length}: " + " ".join(
                 f"{d}={v:.2f}" for d, v in accuracy[task][str(length)].items()))
         edges = context_scoring.bucket_edges(length, buckets)
@@ -147,4 +151,4 @@ def evaluate(model: MiMoV2Flash, params: Any, tokenizer: TextTokenizer,
         log(f"perplexity at {length} over {len(long_docs)} rows: {entry['perplexity']}")
     return {"lengths": list(lengths), "depths": list(depths), "samples": samples,
             "needles": needles, "hops": hops, "seed": seed, "accuracy": accuracy,
-            "perplexity": perplexity}
+            "answer_loss": answer_loss, "perplexity": perplexity}

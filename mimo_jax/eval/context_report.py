@@ -21,18 +21,20 @@ def _percent(value: float) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Accuracy by length (rows) and depth (columns) for each task, then perplexity by position
-    bucket for each length, as aligned text."""
+    """Accuracy by length (rows) and depth (columns) for each task with the answer ids' mean loss
+    (nats), then perplexity by position bucket for each length, as aligned text."""
     depths = [str(d) for d in results["depths"]]
     lines = []
     for task, by_length in results["accuracy"].items():
         lines.append(f"{task}: exact-match accuracy by length x depth "
                      f"({results['samples']} samples a cell)")
-        lines.append("  length " + "".join(f"{'depth ' + d:>12}" for d in depths) + f"{'mean':>8}")
+        lines.append("  length " + "".join(f"{'depth ' + d:>12}" for d in depths) + f"{'mean':>8}"
+                     + f"{'answer loss':>14}")
         for length, cells in by_length.items():
             values = [cells[d] for d in depths]
+            loss = results["answer_loss"][task][length]
             lines.append(f"  {length:>6} " + "".join(f"{_percent(v):>12}" for v in values)
-                         + f"{_percent(float(np.mean(values))):>8}")
+                         + f"{_percent(float(np.mean(values))):>8}{loss:>14.2f}")
     lines.append("held-out perplexity by position bucket")
     for length, entry in results["perplexity"].items():
         edges = entry["edges"]

@@ -69,6 +69,14 @@ def answers_correct(predictions: np.ndarray, tokens: np.ndarray, answer_starts: 
     return np.all(hits | ~in_answer, axis=1)
 
 
+def answer_loss(nll: np.ndarray, answer_starts: np.ndarray) -> np.ndarray:
+    """[N] mean loss (nats per id) of each row's answer ids: a graded view of retrieval that moves
+    before exact match does. nll: [N, L-1] per-target losses; answer_starts: [N]."""
+    length = nll.shape[1] + 1
+    in_answer = np.arange(1, length)[None, :] >= answer_starts[:, None]   # [N, L-1]
+    return (nll * in_answer).sum(axis=1) / in_answer.sum(axis=1)
+
+
 def bucket_edges(length: int, buckets: int) -> list[int]:
     """Log-spaced position buckets over a row of `length`: [0, L/2^(k-1), ..., L/4, L/2, L] for
     k = `buckets` (fewer where halving reaches 1), so that the last bucket is the row's second

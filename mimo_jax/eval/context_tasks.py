@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Callable
 
 import numpy as np
 
@@ -95,47 +94,71 @@ def _filler(stream: np.ndarray, size: int, length: int, rng: np.random.Generator
     return long[start:start + size]
 
 
-def niah_sample(tokenizer: TextTokenizer, stream: np.ndarray, length: int, depth: float,
-                needles: int, rng: np.random.Generator) -> Sample:
-    """A multi-needle sample of `length` ids; needle 0 (queried) starts at `depth` of the
-    filler, the others at uniform random depths; keys are distinct."""
-    encode = tokenizer.encode
-    keys: list[str] = []
-    while len(keys) < needles:
-        key = _word(rng)
-        if key not in keys:
-            keys.append(key)
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    """One sample's facts as text, before any filler.
+
+    facts:  each fact as the pieces it is encoded in (their ids concatenated), fact 0 first: the
+            queried needle or the chain's first link, whose middle piece is the answer.
+    query:  the text before the answer, e.g. "\\nmagic_abcde =".
+    answer: e.g. " 482".
+    """
+
+    facts: tuple[tuple[str, ...], ...]
+    query: str
+    answer: str
+
+
+def _distinct_words(rng: np.random.Generator, count: int) -> list[str]:
+    words: list[str] = []
+    while len(words) < count:
+        word = _word(rng)
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def niah_facts(rng: np.random.Generator, needles: int) -> Facts:
+    """`needles` needles "\\nmagic_<key> = <value>\\n" with distinct keys; needle 0 is queried."""
+    keys = _distinct_words(rng, needles)
     values = [_value(rng) for _ in keys]
-    prefixes = [encode(f"\nmagic_{k} =") for k in keys]
-    answers = [encode(f" {v}") for v in values]
-    newline = encode("\n")
-    facts = [np.concatenate([p, a, newline]) for p, a in zip(prefixes, answers)]
-    depths = [depth] + [float(d) for d in rng.uniform(0, 1, needles - 1)]
-    size = length - sum(f.size for f in facts) - prefixes[0].size - answers[0].size
-    filler = _filler(stream, size, length, rng)
-    return _assemble(filler, facts, depths, prefixes[0], answers[0], f" {values[0]}")
+    facts = tuple((f"\nmagic_{k} =", f" {v}", "\n") for k, v in zip(keys, values))
+    return Facts(facts, f"\nmagic_{keys[0]} =", f" {values[0]}")
 
 
-def multi_hop_sample(tokenizer: TextTokenizer, stream: np.ndarray, length: int, depth: float,
-                     hops: int, rng: np.random.Generator) -> Sample:
-    """A chain of `hops` + 1 assignments of `length` ids; the first starts at `depth` of the
-    filler, the others at sorted random depths after it."""
-    encode = tokenizer.encode
-    names: list[str] = []
-    while len(names) < hops + 1:
-        name = _word(rng)
-        if name not in names:
-            names.append(name)
+def multi_hop_facts(rng: np.random.Generator, hops: int) -> Facts:
+    """A chain "\\n<v0> = <value>\\n", "\\n<v1> = <v0>\\n", ...; the query asks for v<hops>."""
+    names = _distinct_words(rng, hops + 1)
     value = _value(rng)
-    answer = encode(f" {value}")
-    newline = encode("\n")
-    facts = [np.concatenate([encode(f"\n{names[0]} ="), answer, newline])]
-    facts += [encode(f"\n{names[i]} = {names[i - 1]}\n") for i in range(1, hops + 1)]
-    depths = [depth] + sorted(float(d) for d in rng.uniform(depth, 1, hops))
-    query = encode(f"\nassert {names[-1]} ==")
+    facts = ((f"\n{names[0]} =", f" {value}", "\n"),) + tuple(
+        (f"\n{names[i]} = {names[i - 1]}\n",) for i in range(1, hops + 1))
+    return Facts(facts, f"\nassert {names[-1]} ==", f" {value}")
+
+
+def draw_facts(task: str, rng: np.random.Generator, *, needles: int = 4, hops: int = 2
+               ) -> tuple[Facts, list[float]]:
+    """A sample's facts, and for facts 1.. their draws in [0, 1] (fact 0's depth is the caller's
+    choice): niah_multi's distractor depths, uniform; multi_hop's later links, sorted, as shares
+    of the span from the first link to the end (so the chain stays in order)."""
+    if task == NIAH:
+        return niah_facts(rng, needles), [float(d) for d in rng.uniform(0, 1, needles - 1)]
+    return multi_hop_facts(rng, hops), sorted(float(d) for d in rng.uniform(0, 1, hops))
+
+
+def _sample(tokenizer: TextTokenizer, stream: np.ndarray, length: int, depth: float,
+            task: str, rng: np.random.Generator, needles: int, hops: int) -> Sample:
+    """A sample of `length` ids whose fact 0 starts at `depth` of the filler (niah_multi: the
+    distractors at uniform random depths; multi_hop: the later links at sorted random depths
+    after the first)."""
+    drawn, later = draw_facts(task, rng, needles=needles, hops=hops)
+    facts = [np.concatenate([tokenizer.encode(piece) for piece in pieces])
+             for pieces in drawn.facts]
+    if task == MULTI_HOP:
+        later = [depth + (1 - depth) * d for d in later]
+    query, answer = tokenizer.encode(drawn.query), tokenizer.encode(drawn.answer)
     size = length - sum(f.size for f in facts) - query.size - answer.size
     filler = _filler(stream, size, length, rng)
-    return _assemble(filler, facts, depths, query, answer, f" {value}")
+    return _assemble(filler, facts, [depth] + later, query, answer, drawn.answer)
 
 
 def make_samples(task: str, tokenizer: TextTokenizer, stream: np.ndarray, length: int,
@@ -152,14 +175,10 @@ def make_samples(task: str, tokenizer: TextTokenizer, stream: np.ndarray, length
         raise ValueError(f"depth {depth} is not in [0, 1]")
     if stream.size == 0:
         raise ValueError("the filler stream holds no tokens")
-    make: Callable[..., Sample]
-    if task == NIAH:
-        if needles < 1:
-            raise ValueError(f"needles={needles} must be at least 1")
-        make, extra = niah_sample, needles
-    else:
-        if hops < 1:
-            raise ValueError(f"hops={hops} must be at least 1")
-        make, extra = multi_hop_sample, hops
+    if needles < 1:
+        raise ValueError(f"needles={needles} must be at least 1")
+    if hops < 1:
+        raise ValueError(f"hops={hops} must be at least 1")
     rng = np.random.default_rng([seed, _TASK_SEED[task], length, int(round(depth * 1e6))])
-    return [make(tokenizer, stream, length, depth, extra, rng) for _ in range(count)]
+    return [_sample(tokenizer, stream, length, depth, task, rng, needles, hops)
+            for _ in range(count)]

@@ -128,6 +128,8 @@ def test_exact_match_is_right_for_a_copying_predictor_and_wrong_otherwise(tokeni
     predictions, nll = context_scoring.run_rows(jax.jit(perfect), None, rows, 2)
     np.testing.assert_allclose(nll, 0.01 * rows[:, 1:], rtol=1e-6)  # float32 products
     assert context_scoring.answers_correct(predictions, rows, starts).all()
+    np.testing.assert_allclose(context_scoring.answer_loss(nll, starts),
+                               [nll[i, starts[i] - 1:].mean() for i in range(5)], rtol=1e-6)
     wrong, _ = context_scoring.run_rows(jax.jit(off_by_one), None, rows, 2)
     assert not context_scoring.answers_correct(wrong, rows, starts).any()
     # Only the answer counts: a wrong prediction before it changes nothing, one in it fails.
@@ -192,6 +194,8 @@ def test_command_writes_the_table_json_and_heat_map(checkpoint, tmp_path):
         for cells in results["accuracy"][task].values():
             assert list(cells) == ["0.2", "0.8"]
             assert all(v in (0.0, 0.5, 1.0) for v in cells.values())
+        # Random parameters: about log(320) = 5.8 nats per answer id.
+        assert all(4 < v < 8 for v in results["answer_loss"][task].values())
     assert results["perplexity"]["64"]["edges"] == [0, 16, 32, 64]
     for length, entry in results["perplexity"].items():
         # Randomly initialised: close to uniform over the 320 ids, never better than 1.
