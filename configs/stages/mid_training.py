@@ -21,4 +21,5 @@ def get_config() -> ml_collections.ConfigDict:
     train.decay_start_fraction = 0.0  # cosine from the first step
     train.mtp_loss_weight = 0.1
     train.bias_update_rate = 1e-3
+    train.batch_ramp_steps = 0  # the batch reached 2048 in stage 1 and stays there
     return config

@@ -207,8 +207,15 @@ def _read_options(config: DataConfig) -> grain.ReadOptions:
 
 
 def train_batches(config: DataConfig, sources: list[OpenedSource], tokenizer, vocab_size: int,
-                  shard: ProcessShard = ProcessShard()) -> grain.IterDataset:
-    """The endless, shuffled, mixed, packed stream of per-process training batches."""
+                  shard: ProcessShard = ProcessShard(), micro_batches: int = 1
+                  ) -> grain.IterDataset:
+    """The endless, shuffled, mixed, packed stream of per-process training batches; with
+    `micro_batches` > 1, of batches that many times smaller (the batch ramp assembles each step
+    from a growing number of them: `mimo_jax.train.batch_ramp`)."""
+    rows = _local_batch_size(config, shard)
+    if rows % micro_batches:
+        raise DataError(f"data.batch_size={config.batch_size} gives {rows} rows per process, "
+                        f"which do not split into {micro_batches} micro-batches")
     datasets = []
     for i, source in enumerate(sources):
         dataset = _token_dataset(source, tokenizer, config, vocab_size, shard)
@@ -227,7 +234,7 @@ def train_batches(config: DataConfig, sources: list[OpenedSource], tokenizer, vo
             num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer_size))
     pad_id = tokenizer.pad_id if tokenizer is not None else 0
     packed = PackIterDataset(stream, config.seq_len, pad_id)
-    return packed.batch(_local_batch_size(config, shard), drop_remainder=True)
+    return packed.batch(rows // micro_batches, drop_remainder=True)
 
 
 def eval_batches(config: DataConfig, sources: list[OpenedSource], tokenizer, vocab_size: int,

@@ -43,6 +43,11 @@ class TrainConfig(Section):
     weight_decay: float = option(0.1, check=at_least(0))
     clip_norm: float = option(1.0, check=above(0))
     grad_accum_steps: int = option(1, check=at_least(1))
+    # The batch ramp (`train/batch_ramp.py`): over the first `batch_ramp_steps` steps (0 = none)
+    # the step trains on a linearly growing number of its `grad_accum_steps` micro-batches,
+    # from `batch_ramp_start` to all of them.
+    batch_ramp_steps: int = option(0, check=at_least(0))
+    batch_ramp_start: int = option(1, check=at_least(1))
     mtp_loss_weight: float = option(0.3, check=at_least(0))
     balance_loss_weight: float = option(1e-5, check=at_least(0))
     bias_update_rate: float = option(1e-3, check=at_least(0))
@@ -68,6 +73,14 @@ class TrainConfig(Section):
         if not 0 <= self.end_learning_rate <= self.learning_rate:
             fail(f"{prefix}.end_learning_rate", self.end_learning_rate,
                  f"must be in [0, {prefix}.learning_rate={self.learning_rate}]")
+        if self.batch_ramp_steps and self.grad_accum_steps == 1:
+            fail(f"{prefix}.batch_ramp_steps", self.batch_ramp_steps,
+                 "the batch grows by whole micro-batches: it needs "
+                 f"{prefix}.grad_accum_steps > 1 (the final batch in that many micro-batches)")
+        if self.batch_ramp_start > self.grad_accum_steps:
+            fail(f"{prefix}.batch_ramp_start", self.batch_ramp_start,
+                 f"counts micro-batches: at most {prefix}.grad_accum_steps="
+                 f"{self.grad_accum_steps}")
         if not 0 <= self.warmup_fraction <= self.decay_start_fraction <= 1:
             fail(f"{prefix}.warmup_fraction", self.warmup_fraction,
                  "need 0 <= warmup_fraction <= decay_start_fraction "

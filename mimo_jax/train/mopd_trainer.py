@@ -41,7 +41,7 @@ from mimo_jax.eval.tasks import get_reward, get_task
 from mimo_jax.inference import on_mesh
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
-from mimo_jax.train import init_from, partition
+from mimo_jax.train import batch_ramp, init_from, partition
 from mimo_jax.train.checkpoint import EXPORT_DIR, Checkpointer, CheckpointError
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
@@ -80,8 +80,9 @@ def build_configs(config: ml_collections.ConfigDict) -> MopdConfigs:
     if not init_path:
         raise ConfigError("config key 'init_from' is empty: MOPD starts from a trained student "
                           "(a params export, a training workdir or a Hugging Face directory)")
-    return MopdConfigs(model=model_config_from_dict(config.model),
-                       train=train_config_from_dict(config.train),
+    train_config = train_config_from_dict(config.train)
+    batch_ramp.refuse(train_config, "MOPD")
+    return MopdConfigs(model=model_config_from_dict(config.model), train=train_config,
                        mopd=read_section(MopdConfig, config.mopd), init_from=init_path,
                        mesh=mesh_config_from_dict(config.get("mesh")))
 

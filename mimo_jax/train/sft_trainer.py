@@ -32,7 +32,7 @@ from mimo_jax.data.errors import DataError
 from mimo_jax.data.sft import SFT_KEYS, SftRecords, sft_batches, sft_rows
 from mimo_jax.data.sources import expand_paths
 from mimo_jax.data.tokenizer import TextTokenizer, load_tokenizer
-from mimo_jax.train import init_from, partition, trainer
+from mimo_jax.train import batch_ramp, init_from, partition, trainer
 from mimo_jax.train.checkpoint import Checkpointer, architecture
 from mimo_jax.train.sft_config import SftConfig, sft_config_from_dict
 from mimo_jax.train.trainer import RunResult, RunSetup
@@ -134,6 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     sft = sft_config_from_dict(config.get("sft"))
     init_path = init_from.init_from_path(config)
     init_from.refuse_optimizer_carry(config, "SFT")
+    batch_ramp.refuse(configs.train, "SFT")
     model_cfg, data_cfg, train_cfg = configs.model, configs.data, configs.train
     _check_sources(data_cfg.train_sources, "data.train_sources")
     _check_sources(data_cfg.eval_sources, "data.eval_sources")

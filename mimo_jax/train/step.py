@@ -2,7 +2,8 @@
 
 train_step(state, batch, learning_rate) -> (state, metrics):
   1. split the batch into `grad_accum_steps` micro-batches and sum their gradients (a scan, so
-     memory holds one micro-batch of activations);
+     memory holds one micro-batch of activations); under the batch ramp, a micro-batch that is
+     all padding is skipped (a `lax.cond`), not computed;
   2. one AdamW update at `learning_rate` (a traced scalar, so the schedule never recompiles the
      step; the correction biases get a zero update);
   3. the router-bias rule with the summed expert load;
@@ -99,6 +100,8 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
     """
     num_heads = model_config.num_mtp_heads
     accum = train_config.grad_accum_steps
+    # Under the batch ramp some micro-batches are all padding (`batch_ramp.RampedBatches`).
+    skip_empty = train_config.batch_ramp_steps > 0
 
     def micro_loss(params, micro: Batch, counts: jax.Array, documents: jax.Array):
         output = model.apply({"params": params}, micro["tokens"],
@@ -123,15 +126,24 @@ def make_train_step(model: MiMoV2Flash, model_config: ModelConfig, train_config:
             (_, (sums, balance, load, dropped)), grads = grad_fn(state.params, batch, counts,
                                                                  documents)
         else:
-            def body(carry, micro):
-                (_, aux), grads = grad_fn(state.params, micro, counts, documents)
-                return jax.tree.map(jnp.add, carry, (grads, *aux)), None
-
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             layers = len(model_config.moe_layers)
             init = (zeros, jnp.zeros((num_heads + 1,), jnp.float32), jnp.zeros((), jnp.float32),
                     jnp.zeros((layers, model_config.num_experts), jnp.float32),
                     jnp.zeros((layers,), jnp.int32))
+
+            def micro_step(micro):
+                (_, aux), grads = grad_fn(state.params, micro, counts, documents)
+                return grads, *aux
+
+            def body(carry, micro):
+                if skip_empty:  # a ramp step's padding micro-batches cost nothing
+                    out = jax.lax.cond(jnp.any(micro["segment_ids"] > 0), micro_step,
+                                       lambda _: init, micro)
+                else:
+                    out = micro_step(micro)
+                return jax.tree.map(jnp.add, carry, out), None
+
             (grads, sums, balance, load, dropped), _ = jax.lax.scan(
                 body, init, _micro_batches(batch, accum))
         loss, parts = losses.total_loss(sums, counts, balance, train_config.mtp_loss_weight,

@@ -38,6 +38,7 @@ from mimo_jax.data.errors import DataError
 from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import MeshConfig, Parallelism, mesh_config_from_dict
 from mimo_jax.train import init_from, partition
+from mimo_jax.train.batch_ramp import BatchRamp, RampedBatches
 from mimo_jax.train.checkpoint import EXPORT_DIR, CheckpointError, Checkpointer, architecture
 from mimo_jax.train.config import TrainConfig, train_config_from_dict
 from mimo_jax.train.hooks import (Checkpoint, Evaluation, ExportParams, MetricsLog,
@@ -103,14 +104,30 @@ def save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Non
     tmp.replace(path)
 
 
-def _data_stream(config: DataConfig, shard: pipeline.ProcessShard) -> dict[str, Any]:
-    """The data settings a saved iterator position depends on (JSON-ready)."""
+def _data_stream(config: DataConfig, shard: pipeline.ProcessShard,
+                 ramp: BatchRamp | None = None) -> dict[str, Any]:
+    """The data settings a saved iterator position depends on (JSON-ready); a ramped run reads
+    micro-batches, whose count per batch is part of its position."""
     keys = ("seq_len", "batch_size", "shuffle", "seed", "num_workers", "max_document_bytes",
             "text_document", "jsonl_field", "add_eos", "seqio_split", "seqio_feature")
     stream = {k: getattr(config, k) for k in keys}
     stream["train_sources"] = ",".join(str(s) for s in config.train_sources)
     stream["process_count"] = shard.count
+    if ramp is not None and ramp.steps:
+        stream["ramp_micro_batches"] = ramp.micro_batches
     return stream
+
+
+def _train_batches(data_cfg: DataConfig, train_cfg: TrainConfig, sources: list, tokenizer: Any,
+                   vocab_size: int, shard: pipeline.ProcessShard) -> Any:
+    """The run's training batch iterator: the pipeline's batches, or under the batch ramp the
+    ramp's batches assembled from the pipeline's micro-batches."""
+    ramp = BatchRamp.from_config(train_cfg)
+    if not ramp.steps:
+        return iter(pipeline.train_batches(data_cfg, sources, tokenizer, vocab_size, shard))
+    micro = pipeline.train_batches(data_cfg, sources, tokenizer, vocab_size, shard,
+                                   micro_batches=ramp.micro_batches)
+    return RampedBatches(iter(micro), ramp, tokenizer.pad_id if tokenizer is not None else 0)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -211,13 +228,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
     checkpointer = Checkpointer(workdir, train_cfg)
     meta = {"architecture": architecture(model_cfg),
             "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None,
-            "data_stream": _data_stream(data_cfg, shard)}
+            "data_stream": _data_stream(data_cfg, shard, BatchRamp.from_config(train_cfg))}
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
         source = _stage_source(source, start, model_cfg, tokenizer, log, carry_optimizer)
-        batches = resume_batches(checkpointer, start, meta, lambda: iter(pipeline.train_batches(
-            data_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard)))
+        batches = resume_batches(checkpointer, start, meta, lambda: _train_batches(
+            data_cfg, train_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard))
         if start < train_cfg.steps:
             batches.read_ahead()  # the first batch before any compilation: bad data fails fast
         eval_batches = None
@@ -436,6 +453,11 @@ def train(setup: RunSetup, batches: Batches, stop_requested: Callable[[], bool],
     num_params = sum(x.size for x in jax.tree.leaves(program.params_shape))
     log(f"model: {num_params:,} parameters; batch {data_cfg.batch_size} x {data_cfg.seq_len} "
         f"tokens; {train_cfg.steps} steps on {setup.parallelism.mesh.size} device(s)")
+    ramp = BatchRamp.from_config(train_cfg)
+    if ramp.steps:
+        rows = data_cfg.batch_size // ramp.micro_batches
+        log(f"batch ramp: {ramp.start} x {rows} rows at step 0, growing linearly to "
+            f"{ramp.micro_batches} x {rows} by step {ramp.steps}")
 
     is_first = jax.process_index() == 0
     writer = MetricsWriter(setup.workdir, start, train_cfg.tensorboard, is_writer=is_first)

@@ -12,7 +12,9 @@ import pytest
 from configs.stages import extend_256k, mid_training, pretrain_32k
 from mimo_jax.config import ConfigError, model_config_from_dict
 from mimo_jax.train import init_from, trainer
+from mimo_jax.train.batch_ramp import BatchRamp
 from mimo_jax.train.checkpoint import CheckpointError, load_exported
+from mimo_jax.train.config import train_config_from_dict
 from mimo_jax.train.init_from import EXPORT
 
 
@@ -36,6 +38,21 @@ def test_each_stage_starts_from_the_previous_one():
     assert (config.data.seq_len, config.data.batch_size) == (262_144, 256)
     assert config.train.bias_update_rate == 1e-5
     assert (config.train.learning_rate, config.train.end_learning_rate) == (3e-5, 1e-5)
+    assert config.train.batch_ramp_steps == mid_training.get_config().train.batch_ramp_steps == 0
+
+
+def test_stage_one_ramps_the_batch_over_500b_tokens_and_schedules_in_tokens():
+    train = train_config_from_dict(pretrain_32k.get_config().train)
+    ramp = BatchRamp.from_config(train)
+    rows, seq = 2048 // 16, pretrain_32k.SEQ_LEN
+    assert (ramp.start, ramp.micro_batches) == (1, 16)
+    tokens = lambda step: ramp.rows_before(step, rows) * seq  # noqa: E731
+    assert tokens(ramp.steps - 1) < 500e9 <= tokens(ramp.steps)
+    warmup = round(train.warmup_fraction * train.steps)
+    assert tokens(warmup - 1) < 50e9 <= tokens(warmup)
+    decay = round(train.decay_start_fraction * train.steps)
+    assert tokens(decay - 1) < 50e9 + 12e12 <= tokens(decay)
+    assert tokens(train.steps - 1) < 22e12 <= tokens(train.steps)
 
 
 def test_a_stage_refuses_another_architecture():
