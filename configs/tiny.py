@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
     model.num_experts_per_token = 4
     model.init_std = 0.02
     model.num_mtp_heads = 2
+    # Plain GEMMs at CPU size: on CPU FP8 is an emulation (slower, no memory saved), and the
+    # tests and demos derived from this config compare against these numbers. See
+    # benchmarks/fp8_vs_bf16.py for the tiny model trained with --config.model.fp8=true.
+    model.fp8 = False
     model.runtime.update(dtype="float32", attention_chunk_size=32, moe_impl="auto",
                          remat_policy="none", expert_capacity_factor=0.0)
 

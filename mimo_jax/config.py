@@ -134,6 +134,11 @@ class ModelConfig(Section):
     num_mtp_heads: int = option(check=at_least(0))
     param_dtype: str = option(check=one_of(DTYPES))
     scan_layers: bool = option()  # runs of identical layers as one scanned parameter stack
+    # FP8 (e4m3, block-scaled) GEMMs in q/k/v, the dense SwiGLU and the routed experts
+    # (`mimo_jax.ops.fp8`). Parameters keep their shapes and `param_dtype` (float32 master
+    # weights), so it is no part of `architecture`: a checkpoint trained with it loads without it
+    # and the other way round; a saved config without the key reads as False.
+    fp8: bool = option(False)
     runtime: RuntimeConfig = option(RuntimeConfig())
 
     @property
@@ -209,9 +214,10 @@ def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
 
 
 def architecture(config: ModelConfig) -> dict[str, Any]:
-    """What a checkpoint's parameters depend on: `model_config_to_dict` without the runtime."""
+    """What a checkpoint's parameters depend on: `model_config_to_dict` without the runtime and
+    without `fp8` (which changes how the GEMMs round, not what is stored)."""
     out = model_config_to_dict(config)
-    del out["runtime"]
+    del out["runtime"], out["fp8"]
     return out
 
 

@@ -140,6 +140,18 @@ def test_architecture_leaves_out_the_runtime():
     assert architecture(replace_model(config, num_mtp_heads=1)) != architecture(config)
 
 
+def test_fp8_switch_reads_old_configs_and_leaves_the_architecture():
+    config = model_config_from_dict(tiny.get_config().model)
+    assert not config.fp8 and model_config_from_dict(mimo_v2_flash.get_config().model).fp8
+    saved = model_config_to_dict(config)
+    del saved["fp8"]  # a model_config.json written before the switch existed
+    assert model_config_from_dict(json.loads(json.dumps(saved))) == config
+    assert architecture(replace_model(config, fp8=True)) == architecture(config)
+    assert model_config_from_dict(_model(fp8=True)).fp8
+    with pytest.raises(ConfigError, match="'model.fp8' = 'sometimes'"):
+        model_config_from_dict({**saved, "fp8": "sometimes"})
+
+
 def test_replacements_are_validated():
     config = model_config_from_dict(tiny.get_config().model)
     with pytest.raises(ConfigError, match="'model.runtime.moe_impl' = 'fast'"):

@@ -17,11 +17,16 @@ import jax.numpy as jnp
 from mimo_jax.config import AttentionConfig
 from mimo_jax.model.layers import apply_partial_rope, normal_init
 from mimo_jax.ops import attention as attention_ops
+from mimo_jax.ops import fp8 as fp8_ops
 from mimo_jax.ops.attention import kv_cache
 
 
 class Attention(nn.Module):
-    """Projections, partial RoPE, value scale, optional sink, output projection. No biases."""
+    """Projections, partial RoPE, value scale, optional sink, output projection. No biases.
+
+    fp8: the q/k/v projections take block-scaled e4m3 operands (`mimo_jax.ops.fp8.fp8_project`);
+    the output projection stays in the compute dtype, as in the report.
+    """
 
     config: AttentionConfig
     hidden_size: int
@@ -31,6 +36,7 @@ class Attention(nn.Module):
     chunk_size: int = 128
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fp8: bool = False
 
     def setup(self):
         cfg = self.config
@@ -60,9 +66,12 @@ class Attention(nn.Module):
         """
         cfg = self.config
         x = x.astype(self.dtype)
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.astype(self.dtype))
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj.astype(self.dtype))
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj.astype(self.dtype))
+        if self.fp8:
+            q, k, v = (fp8_ops.fp8_project(x, w) for w in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q = jnp.einsum("btd,dnh->btnh", x, self.q_proj.astype(self.dtype))
+            k = jnp.einsum("btd,dkh->btkh", x, self.k_proj.astype(self.dtype))
+            v = jnp.einsum("btd,dkh->btkh", x, self.v_proj.astype(self.dtype))
         # The value scale is applied before attention and before the KV cache, as in the reference.
         v = v * jnp.asarray(self.value_scale, v.dtype)
         q = apply_partial_rope(q, positions, cfg.rope_dim, cfg.rope_theta)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mimo_jax.ops import fp8 as fp8_ops
+
 Dtype = Any
 
 
@@ -107,12 +109,16 @@ def apply_partial_rope(x: jax.Array, positions: jax.Array, rope_dim: int, theta:
 
 
 class DenseSwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), no biases. Used on layer 0 and in the MTP heads."""
+    """down(silu(gate(x)) * up(x)), no biases. Used on layer 0 and in the MTP heads.
+
+    fp8: the three GEMMs take block-scaled e4m3 operands (`mimo_jax.ops.fp8.fp8_project`).
+    """
 
     intermediate_size: int
     init_std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -126,7 +132,13 @@ class DenseSwiGLU(nn.Module):
         wo = param_with_axes(self, "down", init, (self.intermediate_size, d), ("mlp", "embed"),
                              self.param_dtype)
         x = x.astype(self.dtype)
-        gate = jnp.einsum("btd,df->btf", x, wi_gate.astype(self.dtype))
-        up = jnp.einsum("btd,df->btf", x, wi_up.astype(self.dtype))
+        if self.fp8:
+            # The master weights are quantised as stored: no rounding to the compute dtype first.
+            gate, up = fp8_ops.fp8_project(x, wi_gate), fp8_ops.fp8_project(x, wi_up)
+        else:
+            gate = jnp.einsum("btd,df->btf", x, wi_gate.astype(self.dtype))
+            up = jnp.einsum("btd,df->btf", x, wi_up.astype(self.dtype))
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        if self.fp8:
+            return fp8_ops.fp8_project(hidden, wo)
         return jnp.einsum("btf,fd->btd", hidden, wo.astype(self.dtype))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from mimo_jax.model.layers import normal_init, param_with_axes
+from mimo_jax.ops import fp8 as fp8_ops
 from mimo_jax.ops import moe as moe_ops
 from mimo_jax.ops.moe.expert_parallel import ExpertParallelOptions
 
@@ -22,7 +23,12 @@ CORRECTION_BIAS = "e_score_correction_bias"
 
 
 class MoE(nn.Module):
-    """Routed experts, top-k of E, no shared expert."""
+    """Routed experts, top-k of E, no shared expert.
+
+    fp8: tokens, expert weights and the output's gradient are rounded to block-scaled e4m3
+    around the dispatch (`mimo_jax.ops.fp8.experts` lists which expert GEMM operands that makes
+    e4m3); the router stays in float32.
+    """
 
     num_experts: int
     top_k: int
@@ -34,6 +40,7 @@ class MoE(nn.Module):
     expert_options: ExpertParallelOptions = ExpertParallelOptions()
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    fp8: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, segment_ids: jax.Array,
@@ -79,15 +86,24 @@ class MoE(nn.Module):
             indices = moe_ops.replayed_indices(routing.reshape(b * t, k), chosen)
             weights = moe_ops.gate_weights(scores, indices, normalize=True,
                                            scaling=self.routed_scaling_factor)
+        experts_in = [x.astype(self.dtype)] + [w.astype(self.dtype) for w in (w_gate, w_up, w_down)]
+        if self.fp8:
+            # Outside the dispatch, so every backend multiplies the same e4m3 values. The
+            # weights are rounded from the master weights; the compute dtype holds them exactly.
+            experts_in = [fp8_ops.expert_tokens(experts_in[0])] + [
+                fp8_ops.expert_weights(w).astype(self.dtype) for w in (w_gate, w_up, w_down)]
+        tokens_in, gate_in, up_in, down_in = experts_in
         y, dropped = moe_ops.dispatch(
-            x.astype(self.dtype), weights.reshape(b, t, -1), indices.reshape(b, t, -1),
-            w_gate.astype(self.dtype), w_up.astype(self.dtype), w_down.astype(self.dtype),
+            tokens_in, weights.reshape(b, t, -1), indices.reshape(b, t, -1),
+            gate_in, up_in, down_in,
             impl=self.impl, token_mask=segment_ids > 0,
             # Mesh axes under the current logical rules: the expert-parallel backend splits the
             # experts over them (without a mesh it is the local dispatch).
             mesh_axes=(nn.logical_to_mesh_axes(("batch", "length", "embed")),
                        nn.logical_to_mesh_axes(("experts", "embed", "mlp"))),
             options=self.expert_options, with_drops=True)
+        if self.fp8:
+            y = fp8_ops.expert_output(y)
         real = (segment_ids > 0)[..., None]
         stats = {
             "load": moe_ops.expert_load(chosen, (segment_ids > 0).reshape(-1), e),

@@ -75,13 +75,14 @@ class MTPHead(nn.Module):
         attention = Attention(cfg.sliding, cfg.hidden_size, cfg.value_scale, cfg.init_std,
                               impl=cfg.runtime.attention_impl,
                               chunk_size=cfg.runtime.attention_chunk_size,
-                              dtype=dtype, param_dtype=param_dtype, name="attention")
+                              dtype=dtype, param_dtype=param_dtype, fp8=cfg.fp8,
+                              name="attention")
         if cache is None:
             h = h + attention(norm("input_norm")(h), positions, segment_ids)
         else:
             attended, cache = attention.decode(norm("input_norm")(h), positions, cache)
             h = h + attended
         mlp = DenseSwiGLU(cfg.dense_intermediate_size, cfg.init_std, dtype=dtype,
-                          param_dtype=param_dtype, name="mlp")
+                          param_dtype=param_dtype, fp8=cfg.fp8, name="mlp")
         h = h + mlp(norm("post_attention_norm")(h))
         return h, norm("final_norm")(h), cache

@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
         attention = Attention(cfg.attention(self.layer_type), cfg.hidden_size, cfg.value_scale,
                               cfg.init_std, impl=runtime.attention_impl,
                               chunk_size=runtime.attention_chunk_size, dtype=dtype,
-                              param_dtype=param_dtype, name="attention")
+                              param_dtype=param_dtype, fp8=cfg.fp8, name="attention")
         if cache is None:
             x = x + attention(normed, positions, segment_ids).astype(x.dtype)
         else:
@@ -115,7 +115,7 @@ class DecoderLayer(nn.Module):
                          name="post_attention_norm")(x)
         if self.mlp_type == DENSE:
             ffn_out = DenseSwiGLU(cfg.dense_intermediate_size, cfg.init_std, dtype=dtype,
-                                  param_dtype=param_dtype, name="mlp")(normed)
+                                  param_dtype=param_dtype, fp8=cfg.fp8, name="mlp")(normed)
             stats = {}
         else:
             ffn_out, stats = MoE(cfg.num_experts, cfg.num_experts_per_token,
@@ -124,7 +124,7 @@ class DecoderLayer(nn.Module):
                                  impl=runtime.moe_impl, expert_options=ExpertParallelOptions(
                                      capacity_factor=runtime.expert_capacity_factor,
                                      transport=runtime.expert_transport),
-                                 dtype=dtype, param_dtype=param_dtype,
+                                 dtype=dtype, param_dtype=param_dtype, fp8=cfg.fp8,
                                  name="moe")(normed, segment_ids, routing)
         x = x + ffn_out.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
