@@ -80,7 +80,7 @@ def heldout_documents(config: dict | None, tokenizer: TextTokenizer, *, sources:
     data_config = dataclasses.replace(data_config_from_dict(data), max_document_bytes=0)
     out, total = [], 0
     for source in open_sources(data_config, "eval"):
-        for index in range(len(source.documents)):
+        for index in range(len(source.documents)):  # a random-access source: indexed
             document = source.documents[index]
             ids = (tokenizer.encode(document) if isinstance(document, str)
                    else np.asarray(document, np.int32))
