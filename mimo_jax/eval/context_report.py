@@ -60,7 +60,8 @@ def plot_heatmap(results: dict, out: str | pathlib.Path) -> pathlib.Path:
     `<out>/long_context.png` and returns its path."""
     tasks = list(results["accuracy"])
     depths = [str(d) for d in results["depths"]]
-    fig = Figure(figsize=(4.5 * len(tasks), 0.6 * len(results["lengths"]) + 2))
+    fig = Figure(figsize=(4.5 * len(tasks), 0.6 * len(results["lengths"]) + 2),
+                 layout="constrained")
     for i, task in enumerate(tasks):
         ax = fig.add_subplot(1, len(tasks), i + 1)
         lengths = list(results["accuracy"][task])
@@ -72,7 +73,8 @@ def plot_heatmap(results: dict, out: str | pathlib.Path) -> pathlib.Path:
         ax.set_xticks(range(len(depths)), depths)
         ax.set_yticks(range(len(lengths)), lengths)
         ax.set_xlabel("depth")
-        ax.set_ylabel("length (tokens)")
+        if i == 0:  # the rows are the same lengths in every panel
+            ax.set_ylabel("length (tokens)")
         ax.set_title(task)
     fig.colorbar(image, ax=fig.axes, label="exact-match accuracy")
     path = pathlib.Path(out) / HEATMAP_FILE
