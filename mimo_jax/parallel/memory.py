@@ -13,6 +13,13 @@ on the slice's mesh. Activations are an estimate from the model's shapes under t
   heads      float32 logits of the LM head and each MTP head, kept for the loss's backward pass,
              plus one logits gradient.
   MTP blocks the MTP heads' layers, which are not rematerialised.
+With `fp8`, the inputs of the FP8 GEMMs (the attention norm's output into q/k/v, the dense FFN's
+input and its down projection's input) are kept for the backward pass as e4m3 values plus a
+float32 scale per 128 (`FP8_ITEMSIZE` bytes each, `mimo_jax.ops.fp8.matmul`); everything else is
+as without it. That changes "none" and the working set; "full" keeps only layer inputs and
+"save_dots" adds matmul outputs (compute dtype either way), so their saved rows do not move. The
+experts' GEMM inputs reach the dispatch in the compute dtype (`mimo_jax.ops.fp8.experts`): no
+saving is counted there.
 Legend: B batch rows per micro-batch, T sequence length, D model dim, F ffn dim, E experts,
 k experts per token, V vocab, N/K query/KV heads, H/U q/k and value head dims, R receive rows.
 """
@@ -40,6 +47,8 @@ from mimo_jax.parallel.mesh import mesh_shape
 from mimo_jax.parallel.sharding import logical_param_specs, match_params
 
 GIB = 1024 ** 3
+# Bytes per element of an FP8 GEMM input kept for the backward pass: e4m3 + a float32 per 128.
+FP8_ITEMSIZE = 1 + 4 / 128
 
 # chips per slice-name unit and HBM per chip. TPU v4/v5p names count TensorCores (2 per chip);
 # v5e/v6e names count chips.
@@ -152,11 +161,16 @@ class _Activations:
         self.compute = np.dtype(config.runtime.dtype).itemsize
 
     def bytes(self, shape: tuple[int, ...], logical: tuple[str | None, ...],
-              itemsize: int | None = None) -> int:
+              itemsize: float | None = None) -> int:
         spec = rules_lib.mesh_axes(logical, self.rules)
-        return _local_elements(shape, spec, self.sizes) * (itemsize or self.compute)
+        return math.ceil(_local_elements(shape, spec, self.sizes) * (itemsize or self.compute))
 
-    def tokens(self, width: int, logical: str | None = "embed", itemsize: int | None = None):
+    def gemm_input(self, width: int, logical: str | None) -> int:
+        """An activation [B, T, width] that an FP8 GEMM keeps for its backward pass (e4m3 plus
+        scales with `fp8`, else the compute dtype)."""
+        return self.tokens(width, logical, FP8_ITEMSIZE if self.config.fp8 else None)
+
+    def tokens(self, width: int, logical: str | None = "embed", itemsize: float | None = None):
         return self.bytes((self.batch, self.length, width), ("batch", "length", logical), itemsize)
 
     @property
@@ -177,12 +191,15 @@ class _Activations:
         out = self.bytes((b, t, att.num_heads, att.v_head_dim),
                          ("batch", "length", "heads", "head_dim"))
         d = self.tokens(self.config.hidden_size)
-        return [q, k, v, d], [out, d, d]  # o_proj out; attention out, norm out, residual
+        # o_proj out; attention out (o_proj's input, not FP8), norm out (q/k/v's input), residual
+        return [q, k, v, d], [out, self.gemm_input(self.config.hidden_size, "embed"), d]
 
     def dense_ffn(self, width: int) -> tuple[list[int], list[int]]:
         f = self.tokens(width, "mlp")
         d = self.tokens(self.config.hidden_size)
-        return [f, f, d], [f, d]
+        # gate, up, down outputs; down's input, the FFN's input (gate/up's)
+        return [f, f, d], [self.gemm_input(width, "mlp"),
+                           self.gemm_input(self.config.hidden_size, "embed")]
 
     def moe(self) -> tuple[list[int], list[int]]:
         cfg = self.config

@@ -79,10 +79,13 @@ def plan_for_config(config: ml_collections.ConfigDict, slice_name: str, *,
                        optimizer_factory=optimizer_factory)
     runtime = model_config.runtime
     header = (f"batch {int(data.batch_size)} x {int(data.seq_len)} tokens in {accum} "
-              f"micro-batch(es); compute {runtime.dtype}; MoE {runtime.moe_impl}"
+              f"micro-batch(es); compute {runtime.dtype}{'; FP8 GEMMs' if model_config.fp8 else ''}"
+              f"; MoE {runtime.moe_impl}"
               + (f" (capacity factor {runtime.expert_capacity_factor:g})"
                  if runtime.expert_parallel_when_split else ""))
     table = format_plan(plan, header)
+    if model_config.fp8:
+        table += "\n" + fp8_note(model_config)
     split = expert_axes(mesh_config, plan.axis_sizes)
     if split and runtime.expert_parallel_when_split:
         table += "\n" + capacity_note(model_config)
@@ -108,3 +111,16 @@ def capacity_note(model_config: ModelConfig) -> str:
             f"tokens x {k} / {e}) copies, those of the largest gate weights (the rest count as "
             f"train metric dropped_copies; evaluation is dropless); never drops at factor 0 or "
             f">= E/k = {dropless:g}")
+
+
+def fp8_note(model_config: ModelConfig) -> str:
+    """One line on what FP8 changes in the plan (`mimo_jax/parallel/memory.py`)."""
+    policy = model_config.runtime.remat_policy
+    where = ("the saved activations, the working set and the MTP blocks" if policy == "none" else
+             "the working set and the MTP blocks only: remat "
+             f"{policy!r} saves layer inputs{' and matmul outputs' if policy != 'full' else ''}, "
+             "which stay in the compute dtype")
+    return ("fp8: q/k/v and dense-FFN GEMM inputs are kept for the backward pass as e4m3 + a "
+            f"float32 scale per 128 (~1.03 bytes); this moves {where}. Parameters, gradients and "
+            "optimizer state are unchanged (float32 master weights); expert GEMM inputs are "
+            "counted in the compute dtype")

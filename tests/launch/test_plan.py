@@ -39,6 +39,26 @@ def test_full_model_fits_v5p_512_with_fsdp_and_experts_in_bf16():
     assert "never drops at factor 0 or >= E/k = 32" in table
 
 
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_fp8_moves_only_what_its_gemms_keep(remat):
+    """FP8 keeps q/k/v and dense-FFN GEMM inputs at ~1 byte: the working set and the MTP blocks
+    shrink under every policy, the saved row only without remat; the rest does not move."""
+    rows = {}
+    for fp8 in (False, True):
+        config = _full_config(grad_accum_steps=16)
+        config.model.fp8 = fp8
+        config.model.runtime.remat_policy = remat
+        plan, table = plan_for_config(config, "v5p-512")
+        rows[fp8] = {row.name: row.bytes for row in plan.rows}
+        assert ("FP8 GEMMs" in table) == fp8 and ("fp8: " in table) == fp8
+    for name in ("params", "optimizer state", "gradients", "activations: heads"):
+        assert rows[True][name] == rows[False][name]
+    for name in ("activations: working", "activations: MTP blocks"):
+        assert rows[True][name] < rows[False][name]
+    saved_true, saved_false = rows[True]["activations: saved"], rows[False]["activations: saved"]
+    assert saved_true < saved_false if remat == "none" else saved_true == saved_false
+
+
 def test_a_full_batch_without_micro_batches_does_not_fit():
     plan, table = plan_for_config(_full_config(grad_accum_steps=1), "v5p-512",
                                   param_dtype="bfloat16")
