@@ -41,7 +41,8 @@ NEW_TOKENS = 6
 ENTRY_MODULES = ("mimo_jax.generate", "mimo_jax.summary", "mimo_jax.plan",
                  "mimo_jax.train.pretrain", "mimo_jax.train.sft", "mimo_jax.train.mopd",
                  "mimo_jax.train.plot", "mimo_jax.ablate",
-                 "mimo_jax.data.to_array_record", "mimo_jax.eval.long_context")
+                 "mimo_jax.data.to_array_record", "mimo_jax.eval.long_context",
+                 "mimo_jax.convert.to_orbax")
 
 
 @pytest.fixture(scope="module", name="micro")

@@ -11,6 +11,7 @@ work is done by the library modules each one names.
     python -m mimo_jax.ablate             cli/ablate.py           -> mimo_jax.ablation
     python -m mimo_jax.eval.long_context  cli/long_context.py     -> mimo_jax.eval.context_eval
     python -m mimo_jax.data.to_array_record  cli/to_array_record.py -> mimo_jax.data.token_shards
+    python -m mimo_jax.convert.to_orbax   cli/to_orbax.py         -> mimo_jax.convert.orbax_export
 
 The module paths on the left stay what users and launch scripts type; each takes the command's
 docstring (its `--help` text) and calls its `main(argv)`. A command module defines its absl flags

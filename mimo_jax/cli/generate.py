@@ -39,6 +39,7 @@ from mimo_jax.inference.on_mesh import batch_shards
 from mimo_jax.inference.sampling import SamplingConfig
 from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.loading import load_checkpoint
+from mimo_jax.model.transformer import MiMoV2Flash
 from mimo_jax.parallel import Parallelism, mesh_config_from_dict
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretraining workdir or its params export.")
@@ -151,10 +152,16 @@ def _run(argv: list[str]) -> None:
                 dict(ici=_MESH.value, dcn="", rules=_RULES.value)))
         overrides = {key: flag.value for key, flag in (("dtype", _DTYPE), ("moe_impl", _MOE_IMPL))
                      if flag.value}
+        # On a mesh the parameters are read straight into their shardings.
         if _CHECKPOINT.value:
-            model, params, tokenizer = load_checkpoint(_CHECKPOINT.value, **overrides)
+            model, params, tokenizer = load_checkpoint(_CHECKPOINT.value, parallelism,
+                                                       **overrides)
         else:
-            model, params = hf.load(_HF.value, **overrides)
+            shardings = None
+            if parallelism is not None:
+                config = hf.read_config(_HF.value, **overrides)
+                _, shardings = parallelism.param_shardings(MiMoV2Flash(config))
+            model, params = hf.load(_HF.value, shardings=shardings, **overrides)
             tokenizer = load_tokenizer(_HF.value)
         figures = run(model, params, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
                       speculative=_SPECULATIVE.value, num_draft=_NUM_DRAFT.value,

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -73,7 +73,7 @@ def _traced_params(config: ModelConfig) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Stacked:
+class Stacked:
     """The sources of one scanned parameter, one per layer of its run (stacked on axis 0)."""
 
     sources: tuple
@@ -83,10 +83,10 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def _source_tree(config: ModelConfig) -> dict[tuple[str, ...], Any]:
+def source_tree(config: ModelConfig) -> dict[tuple[str, ...], Any]:
     """Flat {parameter path: source}, shaped like the parameter tree of `config`."""
     per_layer = [_nest(hf_names.layer_sources(config, i)) for i in range(config.num_layers)]
-    decoder = layout.stack_layers(per_layer, config, stack=_Stacked)
+    decoder = layout.stack_layers(per_layer, config, stack=Stacked)
     tree = _nest(hf_names.top_sources())
     tree["decoder"] = decoder
     for k in range(config.num_mtp_heads):
@@ -98,7 +98,8 @@ def _path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def _match(sources: dict, specs: dict, what: str) -> None:
+def match_paths(sources: dict, specs: dict, what: str) -> None:
+    """Raises `CheckpointError` listing the paths only one of `sources` and `specs` has."""
     missing = sorted(set(specs) - set(sources))
     extra = sorted(set(sources) - set(specs))
     if missing or extra:
@@ -107,14 +108,44 @@ def _match(sources: dict, specs: dict, what: str) -> None:
             f"names without a parameter {[_path_str(p) for p in extra]}")
 
 
-def _load_leaf(source: Any, spec: jax.ShapeDtypeStruct, weights: WeightReader) -> np.ndarray:
-    dtype = np.dtype(spec.dtype)
-    if isinstance(source, _Stacked):
-        out = np.empty(spec.shape, dtype)
+def leaf_pieces(source: Any, shape: tuple[int, ...], dtype: np.dtype, weights: WeightReader
+                ) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """A parameter's values in (index, block) pairs, `block` being `parameter[index]`: one per
+    layer of a scanned parameter and, within it, one per expert of an expert projection stored
+    per expert; otherwise the whole parameter at index (). Each block is read when reached, so
+    a caller that writes and drops it holds one checkpoint tensor at a time."""
+    if isinstance(source, Stacked):
         for j, layer_source in enumerate(source.sources):
-            out[j] = layer_source.load(weights, spec.shape[1:], dtype)
-        return out
-    return source.load(weights, spec.shape, dtype)
+            for index, block in leaf_pieces(layer_source, shape[1:], dtype, weights):
+                yield (j, *index), block
+    elif isinstance(source, hf_names.Experts):
+        yield from source.pieces(weights, shape, dtype)
+    else:
+        yield (), source.load(weights, shape, dtype)
+
+
+def _load_leaf(source: Any, spec: jax.ShapeDtypeStruct, weights: WeightReader) -> np.ndarray:
+    out = None
+    for index, block in leaf_pieces(source, spec.shape, np.dtype(spec.dtype), weights):
+        if not index:
+            return block
+        if out is None:
+            out = np.empty(spec.shape, spec.dtype)
+        out[index] = block
+    return out
+
+
+def unused_tensors(reader: CheckpointReader, config: ModelConfig) -> list[str]:
+    """Tensors of the checkpoint that no parameter of `config` read (the ones a MiMo
+    checkpoint may hold without a parameter excepted)."""
+    return [n for n in reader.unused() if not _ignorable(n, config.num_mtp_heads)]
+
+
+def unused_error(unused: list[str]) -> CheckpointError:
+    shown = ", ".join(repr(n) for n in unused[:8])
+    more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
+    return CheckpointError(f"{len(unused)} checkpoint tensor(s) match no parameter of this "
+                           f"config: {shown}{more} (pass strict=False to ignore them)")
 
 
 def _ignorable(name: str, num_mtp_heads: int) -> bool:
@@ -149,8 +180,8 @@ def load(hf_dir: str, *, strict: bool = True, shardings: Any = None,
     reader = CheckpointReader(hf_dir)
     weights = WeightReader(reader, hf_config.quantization_block(_read_json(hf_dir)))
     specs = traverse_util.flatten_dict(abstract_params(config))
-    sources = _source_tree(config)
-    _match(sources, specs, "model/checkpoint mapping")
+    sources = source_tree(config)
+    match_paths(sources, specs, "model/checkpoint mapping")
     placements = {} if shardings is None else traverse_util.flatten_dict(shardings)
     params = {}
     for path, spec in specs.items():
@@ -160,12 +191,9 @@ def load(hf_dir: str, *, strict: bool = True, shardings: Any = None,
                         else jax.device_put(values, sharding))
         del values  # the host copy goes before the next parameter is read
     if strict:
-        unused = [n for n in reader.unused() if not _ignorable(n, config.num_mtp_heads)]
+        unused = unused_tensors(reader, config)
         if unused:
-            shown = ", ".join(repr(n) for n in unused[:8])
-            more = f" and {len(unused) - 8} more" if len(unused) > 8 else ""
-            raise CheckpointError(f"{len(unused)} checkpoint tensor(s) match no parameter of this "
-                                  f"config: {shown}{more} (pass strict=False to ignore them)")
+            raise unused_error(unused)
     return MiMoV2Flash(config), _nest(params)
 
 
@@ -207,16 +235,16 @@ def _exports(config: ModelConfig, params: dict) -> list[tuple[Any, _HostLeaf]]:
     flat = traverse_util.flatten_dict
     top = flat({k: v for k, v in leaves.items() if k != "decoder" and not k.startswith("mtp_")})
     top_sources = hf_names.top_sources()
-    _match(top_sources, top, "top-level parameters")
+    match_paths(top_sources, top, "top-level parameters")
     pairs = [(top_sources[("embed", "embedding")], top[("embed", "embedding")])]
     for i, layer in enumerate(layout.unstack_layers(leaves["decoder"], config)):
         layer_flat, sources = flat(layer), hf_names.layer_sources(config, i)
-        _match(sources, layer_flat, f"decoder layer {i}")
+        match_paths(sources, layer_flat, f"decoder layer {i}")
         pairs += [(sources[p], layer_flat[p]) for p in sorted(sources)]
     pairs += [(top_sources[p], top[p]) for p in (("final_norm", "scale"), ("lm_head", "kernel"))]
     for k in range(config.num_mtp_heads):
         head_flat, sources = flat(leaves[f"mtp_{k}"]), hf_names.mtp_sources(config, k)
-        _match(sources, head_flat, f"MTP head {k}")
+        match_paths(sources, head_flat, f"MTP head {k}")
         pairs += [(sources[p], head_flat[p]) for p in sorted(sources)]
     return pairs
 
@@ -224,7 +252,7 @@ def _exports(config: ModelConfig, params: dict) -> list[tuple[Any, _HostLeaf]]:
 def _check_shapes(config: ModelConfig, params: dict) -> None:
     specs = traverse_util.flatten_dict(abstract_params(config))
     given = traverse_util.flatten_dict(params)
-    _match(given, specs, "params vs config")
+    match_paths(given, specs, "params vs config")
     for path, spec in specs.items():
         if tuple(given[path].shape) != tuple(spec.shape):
             raise CheckpointError(f"parameter {_path_str(path)!r} has shape "

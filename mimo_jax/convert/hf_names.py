@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import numpy as np
 
@@ -71,18 +71,35 @@ class Experts:
     def _per_expert(self, e: int) -> str:
         return f"{self.prefix}{e}.{self.proj}_proj.weight"
 
-    def load(self, weights: WeightReader, shape: tuple[int, ...], dtype) -> np.ndarray:
+    def fused_name(self) -> str:
+        return self.prefix + ("down_proj" if self.proj == "down" else "gate_up_proj")
+
+    def pieces(self, weights: WeightReader, shape: tuple[int, ...],
+               dtype) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+        """((e,), expert e's [D, F] weight) per expert of a checkpoint that stores them one by
+        one; ((), all of them) from a fused [E, ...] tensor."""
         num_experts, d_in, d_out = shape
-        fused = self.prefix + ("down_proj" if self.proj == "down" else "gate_up_proj")
+        fused = self.fused_name()
         if fused in weights:
             if self.proj == "down":
-                return weights.get(fused, (num_experts, d_out, d_in)).transpose(0, 2, 1).astype(dtype)
+                yield (), weights.get(fused, (num_experts, d_out, d_in)).transpose(
+                    0, 2, 1).astype(dtype)
+                return
             both = weights.get(fused, (num_experts, 2 * d_out, d_in))
             half = both[:, :d_out] if self.proj == "gate" else both[:, d_out:]
-            return half.transpose(0, 2, 1).astype(dtype)
-        out = np.empty(shape, dtype)
+            yield (), half.transpose(0, 2, 1).astype(dtype)
+            return
         for e in range(num_experts):
-            out[e] = weights.get(self._per_expert(e), (d_out, d_in)).T
+            yield (e,), weights.get(self._per_expert(e), (d_out, d_in)).T.astype(dtype)
+
+    def load(self, weights: WeightReader, shape: tuple[int, ...], dtype) -> np.ndarray:
+        out = None
+        for index, block in self.pieces(weights, shape, dtype):
+            if not index:
+                return block
+            if out is None:
+                out = np.empty(shape, dtype)
+            out[index] = block
         return out
 
     def export(self, shape: tuple[int, ...], get: Callable[[], np.ndarray]) -> list[Export]:

@@ -91,12 +91,16 @@ class CheckpointReader:
     """All tensors of a (possibly sharded) safetensors checkpoint directory, read lazily.
 
     Files are memory-mapped; `get` returns a read-only view into the map, so callers copy what
-    they keep. Every name passed to `get` is recorded, so a loader can report the tensors it never
-    used.
+    they keep. With `memory_map=False` each `get` reads its tensor into a buffer of its own
+    instead, which is freed with the array: a converter streaming every tensor of a large
+    checkpoint then holds one at a time, where the map's pages, once touched, would stay counted
+    in its resident memory. Every name passed to `get` is recorded, so a loader can report the
+    tensors it never used.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, memory_map: bool = True):
         self.directory = directory
+        self._memory_map = memory_map
         files = self._files(directory)
         self._tensors: dict[str, TensorInfo] = {}
         for path in files:
@@ -149,11 +153,16 @@ class CheckpointReader:
         if dtype is None:
             raise CheckpointError(f"tensor {name!r} has dtype {info.dtype!r}, which this reader "
                                   f"does not know (known: {sorted(DTYPES)})")
+        self.used.add(name)
+        count = math.prod(info.shape)
+        if not self._memory_map:
+            with open(info.path, "rb") as f:
+                f.seek(info.begin)
+                data = f.read(count * dtype.itemsize)
+            return np.frombuffer(data, dtype=dtype, count=count).reshape(info.shape)
         if info.path not in self._maps:
             with open(info.path, "rb") as f:
                 self._maps[info.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self.used.add(name)
-        count = math.prod(info.shape)
         flat = np.frombuffer(self._maps[info.path], dtype=dtype, count=count, offset=info.begin)
         return flat.reshape(info.shape)
 

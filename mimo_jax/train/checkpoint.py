@@ -146,19 +146,32 @@ def export_params(directory: str | pathlib.Path, params: Any, model_config: Mode
     return directory
 
 
-def load_exported(directory: str | pathlib.Path) -> tuple[ModelConfig, Any]:
-    """(model config, params) from an `export_params` directory, as host numpy-backed arrays."""
-    directory = pathlib.Path(directory).absolute()
-    config_file = directory / "model_config.json"
+def read_exported_config(directory: str | pathlib.Path) -> ModelConfig:
+    """The model config saved in an `export_params` directory (nothing else is read)."""
+    config_file = pathlib.Path(directory).absolute() / "model_config.json"
     if not config_file.is_file():
-        raise CheckpointError(f"{directory} is not a params export (no model_config.json)")
+        raise CheckpointError(f"{config_file.parent} is not a params export (no "
+                              "model_config.json)")
     raw = json.loads(config_file.read_text())
     # Exports written before the runtime choices had a section of their own kept them flat.
     flat = {key: raw.pop(key) for key in RUNTIME_KEYS if key in raw}
     if flat:
         raw["runtime"] = {**raw.get("runtime", {}), **flat}
-    config = model_config_from_dict(raw)
+    return model_config_from_dict(raw)
+
+
+def load_exported(directory: str | pathlib.Path,
+                  shardings: Any = None) -> tuple[ModelConfig, Any]:
+    """(model config, params) from an `export_params` directory (or a converted Hugging Face
+    checkpoint, `mimo_jax.convert.to_orbax`): on the default device, or with `shardings` (a
+    params-shaped tree of `jax.sharding.Sharding`) each array restored straight into its
+    sharding, each host reading only what its shards hold."""
+    directory = pathlib.Path(directory).absolute()
+    config = read_exported_config(directory)
     abstract = jax.eval_shape(lambda: init_params(MiMoV2Flash(config), jax.random.PRNGKey(0)))
+    if shardings is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", abstract)
     return config, params
