@@ -33,11 +33,12 @@ def _model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """The short stage: 128-token rows, 8 a step, on the standard-library corpus."""
+    """The short stage: 128-token rows, 8 a step, on the standard-library corpus (the
+    demonstration adds its retrieval documents to the mixture)."""
     return short_config()
 
 
-def short_config(steps: int = 300) -> ml_collections.ConfigDict:
+def short_config(steps: int = 400) -> ml_collections.ConfigDict:
     """The first stage at `SHORT_LEN` tokens: warm-up then cosine from 3e-3 to 3e-4."""
     config = _model(tiny.get_config())
     config.data.seq_len = SHORT_LEN
