@@ -13,9 +13,9 @@ random routing, and the values then differ by design. What 1.25 drops is held to
 tests/ops/moe/test_expert_parallel.py; here the tests also check that nothing was dropped.
 `ragged_all_to_all` cannot run on CPU: the expert exchange runs its `all_to_all` stand-in
 (`expert_transport="all_to_all"`, the same contract; the ragged transport is only lowered, see
-tests/ops/moe/test_expert_parallel.py). Global layers under context parallelism take the
-chunked path over the gathered keys (the flash kernel is not wired there yet), sliding layers
-the Pallas kernel over their halo.
+tests/ops/moe/test_expert_parallel.py). Global layers under context parallelism run the flash
+kernel block by block over the gathered keys (own block causal, earlier blocks in full, later
+ones skipped), sliding layers the Pallas kernel over their halo.
 """
 
 import jax

@@ -26,7 +26,7 @@ import jax
 
 from mimo_jax.ops.attention import context_parallel
 from mimo_jax.ops.attention.chunked import chunked_attention
-from mimo_jax.ops.attention.pallas import flash_attention
+from mimo_jax.ops.attention.pallas import flash_attention, flash_attention_with_lse
 from mimo_jax.ops.attention.reference import check_arguments, reference_attention
 
 
@@ -77,16 +77,19 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
       segment_ids: [B, T] int32; 0 marks padding (such a row attends to nothing and returns zeros),
         other rows see only keys with the same id. None = one segment, no padding.
       impl: one of `IMPLS`: "reference", "chunked", "pallas" or "auto" (see `resolve_impl`).
-      chunk_size: query chunk length of the chunked path (and of context-parallel global layers).
+      chunk_size: query chunk length of the chunked path (and of context-parallel global layers
+        that do not run the Pallas kernel).
       mesh_axes: optional (q, k/v) mesh PartitionSpecs of [batch, length, heads, head_dim] (from
         the logical axis rules). When the length entry splits the sequence on the current mesh,
         attention runs context-parallel (`context_parallel.py`); the result is the same.
     The softmax scale H**-0.5 is applied inside.
     """
     check_arguments(q, k, v, sinks, window, segment_ids)
-    local = functools.partial(IMPLEMENTATIONS[resolve_impl(impl)], chunk_size=chunk_size)
+    name = resolve_impl(impl)
+    local = functools.partial(IMPLEMENTATIONS[name], chunk_size=chunk_size)
     if mesh_axes is not None and context_parallel.is_context_sharded(mesh_axes[0]):
         return context_parallel.attention(
             q, k, v, sinks=sinks, window=window, segment_ids=segment_ids, local_attention=local,
-            chunk_size=chunk_size, q_spec=mesh_axes[0], kv_spec=mesh_axes[1])
+            chunk_size=chunk_size, q_spec=mesh_axes[0], kv_spec=mesh_axes[1],
+            block_attention=flash_attention_with_lse if name == "pallas" else None)
     return local(q, k, v, sinks=sinks, window=window, segment_ids=segment_ids)

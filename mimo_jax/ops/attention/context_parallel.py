@@ -9,7 +9,11 @@ Runs inside `jax.shard_map` over the whole mesh; shard c of P holds positions [c
                     kernels included) over [halo ; own block] and keeps its own rows. Shard 0's
                     halo is padding.
   global (causal)   K/V and segment ids are all-gathered over the context axes (GA layers have few
-                    KV heads); the shard's queries attend by chunks at their global positions.
+                    KV heads). With a block kernel (`block_attention`, the Pallas flash kernel),
+                    shard c attends block by block: causally to its own block, fully to each
+                    earlier shard's block, not at all to later ones (skipped: a `lax.switch`
+                    runs no kernel), and merges the blocks by their log-sum-exps. Otherwise its
+                    queries attend by chunks over all T keys at their global positions.
 
 Packing is respected because segment ids travel with the keys; the halo's padding has segment 0,
 which nothing sees. Other mesh axes (batch, heads) stay split as the PartitionSpecs say; when the
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from mimo_jax.ops.attention.pallas_common import EMPTY_ROW_LSE
 from mimo_jax.ops.attention.reference import attention_mask, default_segments, masked_attention
 from mimo_jax.ops.spec_axes import collective_axis, pad_spec, spec_axes
 
@@ -92,6 +97,48 @@ def _offset_attention(q, k, v, q_segments, k_segments, q_offset, sinks, chunk_si
     return out[:, :t_local]
 
 
+def _merge_blocks(outs: list[jax.Array], lses: list[jax.Array]) -> jax.Array:
+    """Attention over several key blocks from each block's output [B, T', N, U] and row
+    log-sum-exp [B, N, T']: each block weighted by its share exp(lse_block - lse_all)."""
+    lse = jnp.stack(lses)  # [blocks, B, N, T']
+    total = jax.nn.logsumexp(lse, axis=0)
+    weights = jnp.exp(lse - total)  # rows that see nothing anywhere: equal weights of zeros
+    weights = jnp.moveaxis(weights, -1, -2)[..., None]  # [blocks, B, T', N, 1]
+    return sum(w * o.astype(jnp.float32) for w, o in zip(weights, outs))
+
+
+def _blockwise_attention(q, k, v, q_segments, k_segments, shard, num_shards: int, sinks,
+                         block_attention: Callable[..., tuple[jax.Array, jax.Array]]):
+    """Causal attention of shard `shard`'s queries over the gathered keys, block by block with
+    `block_attention` (`pallas.flash_attention_with_lse`'s contract): its own block causally
+    (with the sinks), each earlier block in full, later blocks skipped.
+
+    q: [B, T', N, H]; k: [B, T, K, H]; v: [B, T, K, U]; q_segments [B, T']; k_segments [B, T].
+    Returns [B, T', N, U] float32.
+    """
+    b, t_local, n, _ = q.shape
+    empty = (jnp.zeros((b, t_local, n, v.shape[-1]), q.dtype),
+             jnp.full((b, n, t_local), EMPTY_ROW_LSE, jnp.float32))
+    outs, lses = [], []
+    for source in range(num_shards):
+        block = slice(source * t_local, (source + 1) * t_local)
+        kb, vb, sb = k[:, block], v[:, block], k_segments[:, block]
+
+        def earlier(kb=kb, vb=vb, sb=sb):
+            return block_attention(q, kb, vb, segment_ids=q_segments, kv_segment_ids=sb,
+                                   causal=False)
+
+        def own(kb=kb, vb=vb, sb=sb):
+            return block_attention(q, kb, vb, sinks=sinks, segment_ids=q_segments,
+                                   kv_segment_ids=sb)
+
+        branch = jnp.where(source < shard, 0, jnp.where(source == shard, 1, 2))
+        out, lse = jax.lax.switch(branch, (earlier, own, lambda: empty))
+        outs.append(out)
+        lses.append(lse)
+    return _merge_blocks(outs, lses)
+
+
 def _local_kv_heads(k, v, n_local: int, n_total: int, head_axes) -> tuple[jax.Array, jax.Array]:
     """Slices the KV heads used by this shard's query heads (query heads split, KV heads whole)."""
     num_kv = k.shape[2]
@@ -111,12 +158,17 @@ def _local_kv_heads(k, v, n_local: int, n_total: int, head_axes) -> tuple[jax.Ar
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | None,
               window: int | None, segment_ids: jax.Array | None,
               local_attention: Callable[..., jax.Array], chunk_size: int, q_spec: P, kv_spec: P,
-              mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> jax.Array:
+              mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+              block_attention: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+              ) -> jax.Array:
     """`mimo_jax.ops.attention.attention` with the sequence split over mesh axes.
 
     local_attention: `fn(q, k, v, *, sinks, window, segment_ids)` with the contract of
       `api.attention`, run on each shard's [halo ; own block] of a sliding-window layer.
-    chunk_size: query chunk length of a global layer's attention over the gathered keys.
+    chunk_size: query chunk length of a global layer's attention over the gathered keys
+      without a block kernel.
+    block_attention: `pallas.flash_attention_with_lse` (or None): the kernel a global layer's
+      shard runs per block of keys, skipping the blocks after its own.
     q_spec / kv_spec: mesh PartitionSpecs of q [batch, length, heads, head_dim] and of k and v
       [batch, length, kv_heads, head_dim]; their length entries must agree and name the context
       axes. Other arguments and the result are as in `api.attention`.
@@ -162,9 +214,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sinks: jax.Array | No
             return out[:, rows:]
         k_all, v_all, seg_all = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
                                  for x in (k, v, segments))
-        offset = jax.lax.axis_index(axis) * q.shape[1]
-        out = _offset_attention(q, k_all, v_all, segments, seg_all, offset, local_sinks,
-                                chunk_size)
+        shard = jax.lax.axis_index(axis)
+        if block_attention is not None:
+            out = _blockwise_attention(q, k_all, v_all, segments, seg_all, shard, num_shards,
+                                       local_sinks, block_attention)
+        else:
+            out = _offset_attention(q, k_all, v_all, segments, seg_all, shard * q.shape[1],
+                                    local_sinks, chunk_size)
         return out.astype(q.dtype)
 
     seg_spec = P(q_spec[0], q_spec[1])

@@ -56,11 +56,16 @@ class BlockPlan:
     block_q: int
     block_k: int
     window: int | None
+    # False: every query sees every key (of its segment): the off-diagonal blocks of a
+    # context-parallel causal layer, whose keys all precede its queries.
+    causal: bool = True
 
     @staticmethod
     def make(seq_len: int, block_q: int, block_k: int, window: int | None,
-             pad_multiple: int | None = None) -> "BlockPlan":
+             pad_multiple: int | None = None, causal: bool = True) -> "BlockPlan":
         """Pads T to a multiple of `pad_multiple` (default: the larger block)."""
+        if not causal and window is not None:
+            raise ValueError("a non-causal plan has no window")
         if window is not None and window >= seq_len:
             window = None  # the window reaches the first key from every query: plain causal
         multiple = pad_multiple or max(block_q, block_k)
@@ -68,7 +73,7 @@ class BlockPlan:
             raise ValueError(f"blocks {block_q} and {block_k} must divide the padding multiple "
                              f"{multiple}")
         padded = -(-seq_len // multiple) * multiple
-        return BlockPlan(seq_len, padded, block_q, block_k, window)
+        return BlockPlan(seq_len, padded, block_q, block_k, window, causal)
 
     @property
     def num_q_blocks(self) -> int:
@@ -85,6 +90,8 @@ class BlockPlan:
     def kv_range(self, i):
         """First and last key block (inclusive) that query block i reaches; empty (last < first)
         for a block of padding queries only. Blocks of padding keys only are never visited."""
+        if not self.causal:  # every real key block (padding-only query blocks too: no harm)
+            return 0, (self.seq_len - 1) // self.block_k
         first_query = i * self.block_q
         last_query = _min(first_query + self.block_q - 1, self.seq_len - 1)
         lo = 0
@@ -96,6 +103,8 @@ class BlockPlan:
     def q_range(self, j):
         """First and last query block (inclusive) whose windows reach key block j; empty for a
         block of padding keys only. Blocks of padding queries only are never visited."""
+        if not self.causal:  # every real query block
+            return 0, (self.seq_len - 1) // self.block_q
         first_key = j * self.block_k
         last_key = _min(first_key + self.block_k - 1, self.seq_len - 1)
         lo = _div(first_key, self.block_q)
@@ -132,10 +141,11 @@ def tile_mask(q_pos: jax.Array, k_pos: jax.Array, plan: BlockPlan,
               q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
     """Which (query, key) pairs of a tile are visible; all arguments broadcast to the tile.
 
-    Causal, inside the window, keys past the real length hidden (they are block padding), and with
-    segments: same segment only, and a padding query (segment 0) sees nothing.
+    Causal (unless the plan is not), inside the window, keys past the real length hidden (they
+    are block padding), and with segments: same segment only, and a padding query (segment 0)
+    sees nothing.
     """
-    mask = k_pos <= q_pos
+    mask = k_pos <= q_pos if plan.causal else (k_pos >= 0) & (q_pos >= 0)
     if plan.window is not None:
         mask = mask & (k_pos > q_pos - plan.window)
     if plan.padded and q_seg is None:
@@ -173,12 +183,19 @@ def online_softmax_step(logits: jax.Array, mask: jax.Array, m_prev: jax.Array, l
     return p, alpha, m_next, l_next
 
 
+# The log-sum-exp of a row that sees nothing (no key, no sink): finite, so that the backward
+# pass's exp(logit - lse) stays NaN-free, and low enough that merging blocks of keys by their
+# log-sum-exps (context parallelism) gives such a block no weight.
+EMPTY_ROW_LSE = -1e30
+
+
 def finish_rows(m: jax.Array, l: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(1 / l or 0, log-sum-exp) per row; a row with nothing visible and no sink gets 0 and 0."""
+    """(1 / l or 0, log-sum-exp) per row; a row with nothing visible and no sink gets 0 and
+    `EMPTY_ROW_LSE`."""
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     inv_l = jnp.where(seen, 1.0 / safe_l, 0.0)
-    lse = jnp.where(seen, m + jnp.log(safe_l), 0.0)
+    lse = jnp.where(seen, m + jnp.log(safe_l), EMPTY_ROW_LSE)
     return inv_l, lse
 
 

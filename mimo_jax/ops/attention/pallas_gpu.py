@@ -34,7 +34,7 @@ def _next_pow2(n: int) -> int:
 
 
 def make_plans(seq_len: int, window: int | None, block_q: int | None,
-               block_k: int | None) -> tuple[BlockPlan, BlockPlan]:
+               block_k: int | None, causal: bool = True) -> tuple[BlockPlan, BlockPlan]:
     """Forward and backward plans over one padded length (each side may tile differently)."""
     cap = max(MIN_TILE, _next_pow2(seq_len))
     plans = []
@@ -45,7 +45,7 @@ def make_plans(seq_len: int, window: int | None, block_q: int | None,
                 raise ValueError(f"GPU {name}={size} must be a power of two >= {MIN_TILE}")
         plans.append((bq, bk))
     multiple = max(max(blocks) for blocks in plans)
-    return tuple(BlockPlan.make(seq_len, bq, bk, window, multiple) for bq, bk in plans)
+    return tuple(BlockPlan.make(seq_len, bq, bk, window, multiple, causal) for bq, bk in plans)
 
 
 def column_chunks(dim: int) -> tuple[tuple[int, int], ...]:
@@ -95,17 +95,23 @@ def _params(num_warps: int, num_stages: int) -> pltriton.CompilerParams:
 # Forward
 
 
+def _segment_inputs(segments, kv_segments, padded_len: int) -> list[jax.Array]:
+    """The queries' and the keys' segment ids [B, Tp] (the same array unless given apart)."""
+    keys = segments if kv_segments is None else kv_segments
+    return [_pad(x.astype(jnp.int32), 1, padded_len) for x in (segments, keys)]
+
+
 def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scale: float,
                     has_segments: bool, h_chunks, v_chunks):
     if has_segments:
-        seg_ref, o_ref, lse_ref = refs
+        q_seg_ref, k_seg_ref, o_ref, lse_ref = refs
     else:
         o_ref, lse_ref = refs
     n, i = pl.program_id(1), pl.program_id(2)
     bq, bk = plan.block_q, plan.block_k
     q = _load(q_ref, slice(None), h_chunks)  # [bq, chunk] each
     q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    q_seg = seg_ref[pl.ds(i * bq, bq)][:, None] if has_segments else None
+    q_seg = q_seg_ref[pl.ds(i * bq, bq)][:, None] if has_segments else None
     m, l = common.initial_state(sinks_ref[n], (bq, 1))
     accs = tuple(jnp.zeros((bq, width), jnp.float32) for _, width in v_chunks)
 
@@ -114,7 +120,7 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
         rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
         logits = _dot_chunks(q, _load(k_ref, rows, h_chunks), NT) * scale  # [bq, bk]
         k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
-        k_seg = seg_ref[rows][None, :] if has_segments else None
+        k_seg = k_seg_ref[rows][None, :] if has_segments else None
         mask = common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg)
         p, alpha, m, l = common.online_softmax_step(logits, mask, m, l)
         values = _load(v_ref, rows, v_chunks)
@@ -130,8 +136,9 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
     lse_ref[...] = lse[:, 0]
 
 
-def forward(q, k, v, sinks, segments, plans, *, interpret: bool):
-    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None.
+def forward(q, k, v, sinks, segments, plans, *, interpret: bool, kv_segments=None):
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None
+    (the keys' own in `kv_segments` when they differ from the queries').
 
     Returns out [B, T, N, U] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
     """
@@ -151,8 +158,8 @@ def forward(q, k, v, sinks, segments, plans, *, interpret: bool):
                 pl.BlockSpec((None, tp, None, vdp), kv_all)]
     inputs = [sinks, qp, kp, vp]
     if has_segments:
-        in_specs.append(pl.BlockSpec((None, tp), lambda b_, n_, i: (b_, 0)))
-        inputs.append(_pad(segments.astype(jnp.int32), 1, tp))
+        in_specs += [pl.BlockSpec((None, tp), lambda b_, n_, i: (b_, 0))] * 2
+        inputs += _segment_inputs(segments, kv_segments, tp)
     kernel = functools.partial(_forward_kernel, plan=plan, scale=h ** -0.5,
                                has_segments=has_segments, h_chunks=column_chunks(hp),
                                v_chunks=column_chunks(vdp))
@@ -178,7 +185,7 @@ def forward(q, k, v, sinks, segments, plans, *, interpret: bool):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
                scale: float, has_segments: bool, h_chunks, v_chunks):
     if has_segments:
-        seg_ref, dq_ref = refs
+        q_seg_ref, k_seg_ref, dq_ref = refs
     else:
         (dq_ref,) = refs
     i = pl.program_id(2)
@@ -188,14 +195,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Blo
     lse = lse_ref[...][:, None]
     delta = delta_ref[...][:, None]
     q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    q_seg = seg_ref[pl.ds(i * bq, bq)][:, None] if has_segments else None
+    q_seg = q_seg_ref[pl.ds(i * bq, bq)][:, None] if has_segments else None
 
     def visit(j, accs):
         rows = pl.ds(pl.multiple_of(j * bk, bk), bk)
         keys = _load(k_ref, rows, h_chunks)
         logits = _dot_chunks(q, keys, NT) * scale
         k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
-        k_seg = seg_ref[rows][None, :] if has_segments else None
+        k_seg = k_seg_ref[rows][None, :] if has_segments else None
         p = common.probabilities(logits, common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg), lse)
         dp = _dot_chunks(do, _load(v_ref, rows, v_chunks), NT)
         ds = p * (dp - delta)
@@ -212,7 +219,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Blo
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: BlockPlan,
                 scale: float, has_segments: bool, group: int, h_chunks, v_chunks):
     if has_segments:
-        seg_ref, dk_ref, dv_ref = refs
+        q_seg_ref, k_seg_ref, dk_ref, dv_ref = refs
     else:
         dk_ref, dv_ref = refs
     j = pl.program_id(2)
@@ -220,7 +227,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
     keys = _load(k_ref, slice(None), h_chunks)  # [bk, chunk] each
     values = _load(v_ref, slice(None), v_chunks)
     k_pos = j * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
-    k_seg = seg_ref[pl.ds(j * bk, bk)][None, :] if has_segments else None
+    k_seg = k_seg_ref[pl.ds(j * bk, bk)][None, :] if has_segments else None
     lo, hi = plan.q_range(j)
 
     def visit(i, carry, g):
@@ -232,7 +239,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
         delta = delta_ref[g, rows][:, None]
         logits = _dot_chunks(q, keys, NT) * scale  # [bq, bk]
         q_pos = i * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-        q_seg = seg_ref[rows][:, None] if has_segments else None
+        q_seg = q_seg_ref[rows][:, None] if has_segments else None
         p = common.probabilities(logits, common.tile_mask(q_pos, k_pos, plan, q_seg, k_seg), lse)
         dvs = tuple(acc + common.dot(p.astype(d.dtype), d, TN) for acc, d in zip(dvs, do))
         ds = p * (_dot_chunks(do, values, NT) - delta)
@@ -251,7 +258,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, plan: Bl
         dv_ref[:, pl.ds(offset, width)] = acc.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, segments, lse, delta, dout, plans, *, interpret: bool):
+def backward(q, k, v, segments, lse, delta, dout, plans, *, interpret: bool, kv_segments=None):
     """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
 
     Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, U] in the inputs' dtypes.
@@ -265,14 +272,14 @@ def backward(q, k, v, segments, lse, delta, dout, plans, *, interpret: bool):
     tp, bq, bk = plan.padded_len, plan.block_q, plan.block_k
     lse, delta = (_pad(x, 2, tp) for x in (lse, delta))
     has_segments = segments is not None
-    seg_inputs = [_pad(segments.astype(jnp.int32), 1, tp)] if has_segments else []
+    seg_inputs = _segment_inputs(segments, kv_segments, tp) if has_segments else []
     params = dict(plan=plan, scale=h ** -0.5, has_segments=has_segments,
                   h_chunks=column_chunks(hp), v_chunks=column_chunks(vdp))
 
     q_rows = lambda b_, n_, i: (b_, i, n_, 0)  # noqa: E731
     kv_all = lambda b_, n_, i: (b_, 0, jax.lax.div(n_, group), 0)  # noqa: E731
     stats = lambda b_, n_, i: (b_, n_, i)  # noqa: E731
-    seg_specs = [pl.BlockSpec((None, tp), lambda b_, h_, x: (b_, 0))] if has_segments else []
+    seg_specs = [pl.BlockSpec((None, tp), lambda b_, h_, x: (b_, 0))] * 2 if has_segments else []
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **params),
         grid=(b, n, plan.num_q_blocks),

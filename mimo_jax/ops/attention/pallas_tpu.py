@@ -38,7 +38,7 @@ DEFAULT_BLOCK_K = 128
 
 
 def make_plan(seq_len: int, window: int | None, block_q: int | None,
-              block_k: int | None) -> BlockPlan:
+              block_k: int | None, causal: bool = True) -> BlockPlan:
     """Blocks of 128 rows by default. Blocks are always whole multiples of 128, so a block's rows
     (or, transposed, its columns) are whole lane tiles: a short sequence is padded to 128."""
     block_q = block_q or DEFAULT_BLOCK_Q
@@ -46,7 +46,7 @@ def make_plan(seq_len: int, window: int | None, block_q: int | None,
     for name, size in (("block_q", block_q), ("block_k", block_k)):
         if size % LANES:
             raise ValueError(f"TPU {name}={size} must be a multiple of {LANES}")
-    return BlockPlan.make(seq_len, block_q, block_k, window)
+    return BlockPlan.make(seq_len, block_q, block_k, window, causal=causal)
 
 
 def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -80,6 +80,13 @@ def _segment_layouts(segments: jax.Array | None, plan: BlockPlan):
     columns = jax.lax.broadcast_in_dim(segments, (b, t, LANES), (0, 1))
     rows = jax.lax.broadcast_in_dim(segments, (b, SUBLANES, t), (0, 2))
     return columns, rows
+
+
+def _query_and_key_layouts(segments, kv_segments, plan: BlockPlan):
+    """`_segment_layouts` of the queries' segment ids and of the keys' (the same unless
+    `kv_segments` is given)."""
+    queries = _segment_layouts(segments, plan)
+    return queries, (queries if kv_segments is None else _segment_layouts(kv_segments, plan))
 
 
 def _positions(shape, row_start, col_start):
@@ -197,8 +204,9 @@ def _forward_kernel(sinks_ref, q_ref, k_ref, v_ref, *refs, plan: BlockPlan, scal
             lse_ref[g] = jnp.transpose(lse[g * bq:(g + 1) * bq])[:1, :]
 
 
-def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
-    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None.
+def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool, kv_segments=None):
+    """q [B, T, N, H], k [B, T, K, H], v [B, T, K, U], sinks [N] f32, segments [B, T] or None
+    (the keys' own in `kv_segments` when they differ from the queries').
 
     Returns out [B, T, N, U] in q's dtype and the log-sum-exp [B, N, T] f32 (sink included).
     """
@@ -208,7 +216,7 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
     qt, kt, vt = (_to_kernel_layout(x, plan) for x in (q, k, v))
     hp, vp = qt.shape[3], vt.shape[3]
     bq, bk = plan.block_q, plan.block_k
-    seg_columns, seg_rows = _segment_layouts(segments, plan)
+    (q_columns, _), (_, k_rows) = _query_and_key_layouts(segments, kv_segments, plan)
     has_segments = segments is not None
 
     maps = _QueryMajorMaps(plan)
@@ -219,7 +227,7 @@ def forward(q, k, v, sinks, segments, plan: BlockPlan, *, interpret: bool):
     if has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
                      pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
-        inputs += [seg_columns, seg_rows]
+        inputs += [q_columns, k_rows]
     out_specs = [pl.BlockSpec((None, group, bq, vp), maps.q_rows),
                  pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
     kernel = functools.partial(_forward_kernel, plan=plan, scale=h ** -0.5,
@@ -337,7 +345,8 @@ def _backward_specs(maps, group: int, bq: int, bk: int, hp: int, vp: int) -> lis
             pl.BlockSpec((None, group, 1, bq), maps.q_stats)]
 
 
-def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret: bool):
+def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret: bool,
+             kv_segments=None):
     """Gradients of `forward`. lse, delta: [B, N, T] f32 (delta_i = sum_v dout_iv * out_iv).
 
     Returns dq [B, T, N, H], dk [B, T, K, H], dv [B, T, K, U] in the inputs' dtypes.
@@ -349,7 +358,8 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
     hp, vp = qt.shape[3], vt.shape[3]
     bq, bk = plan.block_q, plan.block_k
     stat_rows = [_pad_to(x, 2, plan.padded_len)[:, :, None, :] for x in (lse, delta)]
-    seg_columns, seg_rows = _segment_layouts(segments, plan)
+    (q_columns, q_rows), (k_columns, k_rows) = _query_and_key_layouts(segments, kv_segments,
+                                                                      plan)
     has_segments = segments is not None
     scale = h ** -0.5
     params = dict(plan=plan, scale=scale, has_segments=has_segments, group=group)
@@ -361,7 +371,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
     if has_segments:
         in_specs += [pl.BlockSpec((None, bq, LANES), maps.q_segments),
                      pl.BlockSpec((None, SUBLANES, bk), maps.kv_segments)]
-        inputs += [seg_columns, seg_rows]
+        inputs += [q_columns, k_rows]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **params),
         grid=(b, num_kv, plan.num_q_blocks, plan.kv_steps),
@@ -383,7 +393,7 @@ def backward(q, k, v, segments, lse, delta, dout, plan: BlockPlan, *, interpret:
     if has_segments:
         in_specs += [pl.BlockSpec((None, bk, LANES), maps.kv_segments),
                      pl.BlockSpec((None, SUBLANES, bq), maps.q_segments)]
-        inputs += [seg_columns, seg_rows]
+        inputs += [k_columns, q_rows]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, **params),
         grid=(b, num_kv, plan.num_k_blocks, plan.q_steps),

@@ -102,8 +102,12 @@ CONTEXT_SEGMENTS = jnp.asarray([[1] * 5 + [2] * 14 + [3] * 5 + [4] * 5 + [0] * 3
     ("context=4,fsdp=2", "fsdp_cp", 12, "random", "pallas"),
     # One hop; query heads split over tensor while the 2 KV heads stay whole.
     ("context=4,tensor=2", "fsdp_tp_ep_cp", 5, "random", "chunked"),
-    # Global causal layer: K/V all-gathered (the local implementation is not used).
+    # Global causal layer: K/V all-gathered; chunks over all keys at the shard's offset.
     ("context=4,fsdp=2", "fsdp_cp", None, "-inf", "chunked"),
+    # Global causal layer with the flash kernel: each shard's own block causally, the earlier
+    # shards' blocks in full, the later ones skipped, merged by log-sum-exp; with a sink too.
+    ("context=4,fsdp=2", "fsdp_cp", None, "-inf", "pallas"),
+    ("context=2,tensor=2,fsdp=2", "fsdp_tp_ep_cp", None, "random", "pallas"),
 ])
 def test_context_parallel_matches_reference(seed, ici, preset, window, sink, impl):
     parallelism = Parallelism.from_config(mesh_config_from_dict(dict(ici=ici, rules=preset)))
