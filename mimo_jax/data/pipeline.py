@@ -117,14 +117,19 @@ class ToTokens(grain.transforms.MapWithIndex):
     """Document -> int32 ids (+ end-of-text), checked against the model's vocabulary."""
 
     def __init__(self, tokenizer: tokenizer_lib.TextTokenizer | None, add_eos: bool,
-                 vocab_size: int, source_name: str, document_ends: np.ndarray | None = None):
+                 vocab_size: int, source_name: str, num_documents: int,
+                 document_ends: np.ndarray | None = None):
         self._tokenizer = tokenizer
+        self._num_documents = num_documents
         self._add_eos = add_eos
         self._ends = document_ends  # a piece cut from the middle of a file gets no end-of-text
         self._vocab_size = vocab_size
         self._source_name = source_name
 
     def map_with_index(self, index: int, document: str | np.ndarray) -> np.ndarray:
+        # Past the first epoch a repeated (and shuffled) dataset passes indices beyond the
+        # source's length; the document is the source's index modulo its length.
+        index %= self._num_documents
         if isinstance(document, str):
             ids = self._tokenizer.encode(document)
             if self._add_eos and (self._ends is None or self._ends[index]):
@@ -190,7 +195,7 @@ def _token_dataset(source: OpenedSource, tokenizer, config: DataConfig, vocab_si
     dataset = grain.MapDataset.source(source.documents)
     ends = getattr(source.documents, "document_ends", None)
     dataset = dataset.map_with_index(ToTokens(tokenizer, config.add_eos, vocab_size, source.name,
-                                              ends))
+                                              len(source.documents), ends))
     return dataset[shard.index::shard.count]
 
 

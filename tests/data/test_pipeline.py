@@ -69,6 +69,20 @@ def test_end_of_text_only_where_a_file_ends(text_dir, tokenizer):
                                                                ) * len(batches)
 
 
+def test_file_pieces_read_past_one_epoch(text_dir, tokenizer):
+    """The second pass over a source cut into pieces (shuffled) ends each file's last piece
+    with end-of-text as the first did: the pieces keep their own end flags epoch after epoch."""
+    cfg = config(train_sources=f"text:{text_dir}", max_document_bytes=200, seed=1)
+    documents = pipeline.open_sources(cfg, "train")[0].documents
+    epoch_tokens = sum(len(tokenizer.encode(documents[i])) + int(documents.document_ends[i])
+                       for i in range(len(documents)))
+    batches = -(-3 * epoch_tokens // (4 * 32))  # about three epochs
+    stream = np.concatenate([b["tokens"].reshape(-1) for b in take(build(cfg, tokenizer),
+                                                                   batches)[0]])
+    eos_per_epoch = int(documents.document_ends.sum())
+    assert abs(int((stream == tokenizer.eos_id).sum()) - 3 * eos_per_epoch) <= eos_per_epoch
+
+
 def test_resume_from_state_is_exact(tmp_path):
     id_documents(tmp_path, "ids", 10, 50, seed=0)
     cfg = config(train_sources=f"array_record:{tmp_path / 'ids'}", seed=3)
