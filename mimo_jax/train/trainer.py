@@ -118,11 +118,10 @@ def _data_stream(config: DataConfig, shard: pipeline.ProcessShard,
     return stream
 
 
-def _train_batches(data_cfg: DataConfig, train_cfg: TrainConfig, sources: list, tokenizer: Any,
+def _train_batches(data_cfg: DataConfig, ramp: BatchRamp, sources: list, tokenizer: Any,
                    vocab_size: int, shard: pipeline.ProcessShard) -> Any:
     """The run's training batch iterator: the pipeline's batches, or under the batch ramp the
     ramp's batches assembled from the pipeline's micro-batches."""
-    ramp = BatchRamp.from_config(train_cfg)
     if not ramp.steps:
         return iter(pipeline.train_batches(data_cfg, sources, tokenizer, vocab_size, shard))
     micro = pipeline.train_batches(data_cfg, sources, tokenizer, vocab_size, shard,
@@ -226,15 +225,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
         log(f"tokenizer: {tokenizer.source} ({tokenizer.vocab_size} ids)")
 
     checkpointer = Checkpointer(workdir, train_cfg)
+    ramp = BatchRamp.from_config(train_cfg)
     meta = {"architecture": architecture(model_cfg),
             "tokenizer": tokenizer.fingerprint() if tokenizer is not None else None,
-            "data_stream": _data_stream(data_cfg, shard, BatchRamp.from_config(train_cfg))}
+            "data_stream": _data_stream(data_cfg, shard, ramp)}
     batches = None
     try:  # the checkpointer's background threads are stopped however the run ends
         start = checkpointer.latest_step() or 0
         source = _stage_source(source, start, model_cfg, tokenizer, log, carry_optimizer)
         batches = resume_batches(checkpointer, start, meta, lambda: _train_batches(
-            data_cfg, train_cfg, train_sources, tokenizer, model_cfg.vocab_size, shard))
+            data_cfg, ramp, train_sources, tokenizer, model_cfg.vocab_size, shard))
         if start < train_cfg.steps:
             batches.read_ahead()  # the first batch before any compilation: bad data fails fast
         eval_batches = None
