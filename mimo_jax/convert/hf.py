@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -157,6 +157,34 @@ def _ignorable(name: str, num_mtp_heads: int) -> bool:
     return False
 
 
+class OpenedCheckpoint(NamedTuple):
+    """A checkpoint ready to read parameter by parameter (nothing read yet).
+
+    config: the model config (with the caller's overrides). reader / weights: its tensors.
+    specs / sources: {parameter path: ShapeDtypeStruct} and {parameter path: its source}.
+    """
+
+    config: ModelConfig
+    reader: CheckpointReader
+    weights: WeightReader
+    specs: dict
+    sources: dict
+
+
+def open_checkpoint(hf_dir: str, *, memory_map: bool = True,
+                    **overrides: Any) -> OpenedCheckpoint:
+    """The config, tensor readers and parameter-to-tensor mapping of a checkpoint directory,
+    as `load` and the streaming converter (`orbax_export`) read it; `memory_map`: see
+    `CheckpointReader`. Raises `CheckpointError` as `load` does."""
+    config = read_config(hf_dir, **overrides)
+    reader = CheckpointReader(hf_dir, memory_map=memory_map)
+    weights = WeightReader(reader, hf_config.quantization_block(_read_json(hf_dir)))
+    specs = traverse_util.flatten_dict(abstract_params(config))
+    sources = source_tree(config)
+    match_paths(sources, specs, "model/checkpoint mapping")
+    return OpenedCheckpoint(config, reader, weights, specs, sources)
+
+
 def load(hf_dir: str, *, strict: bool = True, shardings: Any = None,
          **overrides: Any) -> tuple[MiMoV2Flash, dict]:
     """Reads a Hugging Face MiMo-V2-Flash checkpoint directory.
@@ -176,12 +204,7 @@ def load(hf_dir: str, *, strict: bool = True, shardings: Any = None,
       CheckpointError naming the tensor (and both shapes) for a missing tensor, a wrong shape, a
       dtype that cannot hold weights, or an unsupported config value.
     """
-    config = read_config(hf_dir, **overrides)
-    reader = CheckpointReader(hf_dir)
-    weights = WeightReader(reader, hf_config.quantization_block(_read_json(hf_dir)))
-    specs = traverse_util.flatten_dict(abstract_params(config))
-    sources = source_tree(config)
-    match_paths(sources, specs, "model/checkpoint mapping")
+    config, reader, weights, specs, sources = open_checkpoint(hf_dir, **overrides)
     placements = {} if shardings is None else traverse_util.flatten_dict(shardings)
     params = {}
     for path, spec in specs.items():

@@ -31,12 +31,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
-from flax import traverse_util
 
 from mimo_jax.config import ModelConfig, model_config_to_dict
-from mimo_jax.convert import hf, hf_config, hf_names
+from mimo_jax.convert import hf, hf_names
 from mimo_jax.convert.errors import CheckpointError
-from mimo_jax.convert.safetensors_io import CheckpointReader
 from mimo_jax.convert.weights import WeightReader
 
 PARAMS_DIR = "params"
@@ -118,13 +116,8 @@ def stream_to_export(hf_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
                               f"{hf.CONFIG_FILE})")
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {str(out)!r} already exists (pass overwrite to replace it)")
-    config = hf.read_config(str(hf_dir), **overrides)
-    reader = CheckpointReader(str(hf_dir), memory_map=False)
-    weights = WeightReader(reader, hf_config.quantization_block(
-        json.loads((hf_dir / hf.CONFIG_FILE).read_text())))
-    specs = traverse_util.flatten_dict(hf.abstract_params(config))
-    sources = hf.source_tree(config)
-    hf.match_paths(sources, specs, "model/checkpoint mapping")
+    config, reader, weights, specs, sources = hf.open_checkpoint(str(hf_dir), memory_map=False,
+                                                                 **overrides)
 
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     if partial.exists():
