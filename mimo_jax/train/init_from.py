@@ -254,19 +254,25 @@ def copy_mtp_heads(params: dict, num_mtp_heads: int) -> dict:
     return out
 
 
+def _restore_state_part(source: InitSource, part: str, abstract: Any) -> Any:
+    """One field of the train state saved in checkpoint `source` ("params", "opt_state"), laid
+    out as `abstract`; the rest of the state is not read."""
+    item = {part: abstract}
+    with _checkpoint_manager(source.path.parent) as manager:
+        restored = manager.restore(int(source.path.name), args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+    return restored.state[part]
+
+
 def _restore_params(source: InitSource, abstract: Any) -> Any:
     """The parameters of an export or checkpoint, laid out as `abstract` (with shardings)."""
     try:
         if source.kind == EXPORT:
             with ocp.StandardCheckpointer() as checkpointer:
                 return checkpointer.restore(source.path / "params", abstract)
-        with _checkpoint_manager(source.path.parent) as manager:
-            item = {"params": abstract}
-            restored = manager.restore(int(source.path.name), args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))
-            return restored.state["params"]
+        return _restore_state_part(source, "params", abstract)
     except Exception as err:  # orbax raises several types for damaged checkpoints
         raise CheckpointError(f"init_from {source.describe()} cannot be restored: "
                               f"{type(err).__name__}: {err}") from err
@@ -319,18 +325,12 @@ def load_optimizer_state(source: InitSource, abstract: Any) -> Any:
     saved one (same transformations; the parameters' shapes are checked by `check_architecture`
     first); a different layout raises `CheckpointError`."""
     check_optimizer_source(source)
-    item = {"opt_state": abstract}
     try:
-        with _checkpoint_manager(source.path.parent) as manager:
-            restored = manager.restore(int(source.path.name), args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True)))
+        return _restore_state_part(source, "opt_state", abstract)
     except Exception as err:  # orbax raises several types for damaged or other layouts
         raise CheckpointError(f"{OPTIMIZER_KEY}: the optimizer state of {source.describe()} "
                               f"cannot be restored into this run's optimizer: "
                               f"{type(err).__name__}: {err}") from err
-    return restored.state["opt_state"]
 
 
 def carries_optimizer(config: Any) -> bool:

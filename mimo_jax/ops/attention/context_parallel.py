@@ -124,16 +124,14 @@ def _blockwise_attention(q, k, v, q_segments, k_segments, shard, num_shards: int
         block = slice(source * t_local, (source + 1) * t_local)
         kb, vb, sb = k[:, block], v[:, block], k_segments[:, block]
 
-        def earlier(kb=kb, vb=vb, sb=sb):
-            return block_attention(q, kb, vb, segment_ids=q_segments, kv_segment_ids=sb,
-                                   causal=False)
-
-        def own(kb=kb, vb=vb, sb=sb):
-            return block_attention(q, kb, vb, sinks=sinks, segment_ids=q_segments,
-                                   kv_segment_ids=sb)
+        def attend(causal: bool, kb=kb, vb=vb, sb=sb):
+            # The sinks are one more key of each row: counted once, with the own block.
+            return block_attention(q, kb, vb, sinks=sinks if causal else None,
+                                   segment_ids=q_segments, kv_segment_ids=sb, causal=causal)
 
         branch = jnp.where(source < shard, 0, jnp.where(source == shard, 1, 2))
-        out, lse = jax.lax.switch(branch, (earlier, own, lambda: empty))
+        out, lse = jax.lax.switch(branch, (lambda: attend(False), lambda: attend(True),
+                                           lambda: empty))
         outs.append(out)
         lses.append(lse)
     return _merge_blocks(outs, lses)
