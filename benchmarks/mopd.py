@@ -3,9 +3,11 @@ r"""Multi-teacher on-policy distillation against its alternatives, on 2 CPU core
     python benchmarks/mopd.py [--workdir runs/mopd_demo]
 
 Two domains whose answers the project checks itself (`mimo_jax.eval.tasks`): addition of
-numbers below 100 and reversal of 2-5 letters, prompts drawn with fixed seeds, held-out test
+numbers below 100 and sorting 3-6 letters, prompts drawn with fixed seeds, held-out test
 prompts never trained on. The stages, each a run of the project's own trainers:
-  1. the student: SFT from a random initialisation on both domains, stopped early (weak);
+  1. the student: SFT from a random initialisation on both domains, stopped early (weak on
+     both): its learning-rate schedule is planned for --student_schedule steps and the run
+     stops after --student_steps, as a training run caught half-way;
   2. a teacher per domain: SFT of the student on that domain only;
   3. from the student, the same number of steps, prompts and samples (so the same number of
      sampled responses) for each variant:
@@ -17,7 +19,7 @@ prompts never trained on. The stages, each a run of the project's own trainers:
                               same number of updates at the same learning rate (off-policy);
   4. greedy held-out accuracy of every model on the same test prompts, printed as one table.
 
-A stage whose export already exists in the workdir is reused (delete it to redo it).
+A stage that finished in the workdir is reused (delete its directory to redo it).
 The models share one persistent compilation cache in the workdir.
 """
 
@@ -29,6 +31,7 @@ import pathlib
 import shutil
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -46,7 +49,6 @@ from mimo_jax.inference.rollout import rollout  # noqa: E402
 from mimo_jax.inference.sampling import SamplingConfig  # noqa: E402
 from mimo_jax.model.transformer import MiMoV2Flash  # noqa: E402
 from mimo_jax.train import init_from, mopd_trainer, sft_trainer  # noqa: E402
-from mimo_jax.train.checkpoint import EXPORT_DIR  # noqa: E402
 from mimo_jax.train.mopd_step import encode_prompts, response_texts  # noqa: E402
 
 # Every byte a prompt or an answer can hold; `train_bpe` at 258 ids learns no merges from it.
@@ -66,17 +68,34 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
 
 
-def _export(workdir: pathlib.Path) -> pathlib.Path:
-    return workdir / EXPORT_DIR
+STAGE_DONE = "stage_done"  # written in a stage's workdir once the stage is complete
 
 
 def _needs_run(workdir: pathlib.Path) -> bool:
-    """False when the stage's export exists (it is reused); else clears what a stopped run left."""
-    if (_export(workdir) / "params").exists():
+    """False when the stage finished before (it is reused); else clears what a stopped run
+    left."""
+    if (workdir / STAGE_DONE).exists():
         print(f"reusing {workdir}")
         return False
     shutil.rmtree(workdir, ignore_errors=True)
     return True
+
+
+def _stage_done(workdir: pathlib.Path) -> None:
+    (workdir / STAGE_DONE).touch()
+
+
+def _stop_after(steps: int) -> Callable[[], bool]:
+    """A `stop_requested` for the trainers: true from the `steps`-th call on (the loop asks once
+    after every step), so the run saves its checkpoint at step `steps` and stops there."""
+    calls = 0
+
+    def stop_requested() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls >= steps
+
+    return stop_requested
 
 
 def _write_data(root: pathlib.Path, args: argparse.Namespace) -> tuple[TextTokenizer, dict]:
@@ -95,12 +114,15 @@ def _write_data(root: pathlib.Path, args: argparse.Namespace) -> tuple[TextToken
 
 
 def _sft(workdir: pathlib.Path, train_file: pathlib.Path, tokenizer_file: pathlib.Path,
-         init: str, steps: int, learning_rate: float) -> None:
+         init: str, steps: int, learning_rate: float, stop_after: int | None = None) -> None:
+    """An SFT stage of `steps` steps (its schedule's length), stopped after `stop_after`."""
     if not _needs_run(workdir):
         return
     config = mopd_demo.sft_config(str(train_file), str(tokenizer_file), init, steps,
                                   learning_rate)
-    sft_trainer.run(config, workdir)
+    stop = _stop_after(stop_after) if stop_after else lambda: False
+    sft_trainer.run(config, workdir, stop_requested=stop)
+    _stage_done(workdir)
 
 
 def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, pathlib.Path],
@@ -108,20 +130,23 @@ def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, path
     if not _needs_run(workdir):
         return
     config = mopd_demo.get_config()
-    config.init_from = str(_export(student))
+    config.init_from = str(student)
     mopd = config.mopd
     mopd.update(overrides)
     if mopd.use_teacher:
-        mopd.teachers = ",".join(f"{d}={_export(t)}" for d, t in teachers.items())
+        mopd.teachers = ",".join(f"{d}={t}" for d, t in teachers.items())
     mopd.seed = args.seed
     config.train.steps = config.train.checkpoint_every = args.steps
     config.train.learning_rate = config.train.end_learning_rate = args.learning_rate
     config.train.log_every = 1  # every step's record: the sampled-token count is summed
     mopd_trainer.run(config, workdir)
+    _stage_done(workdir)
 
 
 def _load(workdir: pathlib.Path) -> tuple[MiMoV2Flash, object]:
-    source = init_from.locate(str(_export(workdir)), MODEL_CONFIG)
+    """A stage's model and parameters: its workdir's newest checkpoint (the student's is the one
+    it stopped at)."""
+    source = init_from.locate(str(workdir), MODEL_CONFIG)
     return MiMoV2Flash(source.model_config), init_from.load_params(source, source.model_config)
 
 
@@ -182,11 +207,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft_examples", type=int, default=4000,
                         help="training examples per domain for the SFT stages")
-    parser.add_argument("--student_steps", type=int, default=300)
-    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--student_schedule", type=int, default=800,
+                        help="the length the student's learning-rate schedule is planned for")
+    parser.add_argument("--student_steps", type=int, default=450,
+                        help="the student stops after this many steps of its schedule")
+    parser.add_argument("--teacher_steps", type=int, default=200)
     parser.add_argument("--sft_learning_rate", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=150, help="steps of every variant")
-    parser.add_argument("--learning_rate", type=float, default=3e-4,
+    parser.add_argument("--steps", type=int, default=SETTINGS.train.steps,
+                        help="steps of every variant")
+    parser.add_argument("--learning_rate", type=float, default=SETTINGS.train.learning_rate,
                         help="the variants' constant learning rate")
     parser.add_argument("--eval_prompts", type=int, default=256,
                         help="held-out prompts per domain")
@@ -205,12 +234,12 @@ def main() -> None:
     tokenizer, files = _write_data(root / "data", args)
     tokenizer_file = root / "data" / "tokenizer.json"
     student = root / "student"
-    timed("student before", _sft, student, files["mixture"], tokenizer_file, "", args.student_steps,
-          args.sft_learning_rate)
+    timed("student before", _sft, student, files["mixture"], tokenizer_file, "",
+          args.student_schedule, args.sft_learning_rate, args.student_steps)
     teachers = {d: root / f"teacher_{d}" for d in mopd_demo.DOMAINS}
     for domain, workdir in teachers.items():
         timed(f"teacher ({domain})", _sft, workdir, files[domain], tokenizer_file,
-              str(_export(student)), args.teacher_steps, args.sft_learning_rate)
+              str(student), args.teacher_steps, args.sft_learning_rate)
     variants, sampled = {}, {}
     for name, overrides in MOPD_VARIANTS.items():
         variants[name] = root / _slug(name)
@@ -220,7 +249,7 @@ def main() -> None:
     sampled[OFF_POLICY] = timed(OFF_POLICY, _teacher_outputs, outputs, teachers, tokenizer, args)
     variants[OFF_POLICY] = root / _slug(OFF_POLICY)
     timed(OFF_POLICY, _sft, variants[OFF_POLICY], outputs, tokenizer_file,
-          str(_export(student)), args.steps, args.learning_rate)
+          str(student), args.steps, args.learning_rate)
 
     rows = {f"teacher ({d})": w for d, w in teachers.items()}
     rows["student before"] = student

@@ -88,7 +88,7 @@ def test_post_training_notebook_runs_sft_and_mopd(tmp_path, monkeypatch):
         "post_training.ipynb",
         f"STUDENT_STEPS = 3\nTEACHER_STEPS = 3\nMOPD_STEPS = 2\nEVAL_PROMPTS = 4\nEXAMPLES = 200\n"
         f"OVERRIDES = {POST_TRAINING_MODEL!r}\nWORKDIR = {str(tmp_path)!r}", "scores", monkeypatch)
-    assert list(result) == ["student", "teacher (reverse_small)", "after MOPD"]
+    assert list(result) == ["student", "teacher (sort)", "after MOPD"]
     assert all(0.0 <= acc <= 1.0 for scores in result.values() for acc in scores.values())
     records = [json.loads(line) for line in (tmp_path / "mopd/metrics.jsonl").read_text()
                .splitlines()]
