@@ -35,8 +35,8 @@ def empty_layer_cache(batch: int, slots: int, num_kv_heads: int, qk_head_dim: in
     """An all-empty cache; with `layers` every leaf gets a leading [L] axis (a scanned run)."""
     lead = () if layers is None else (layers,)
     return LayerCache(
-        keys=jnp.zeros(lead + (batch, slots, num_kv_heads, qk_head_dim), dtype),
-        values=jnp.zeros(lead + (batch, slots, num_kv_heads, v_head_dim), dtype),
+        keys=jnp.zeros(lead + (batch, num_kv_heads, slots, qk_head_dim), dtype),
+        values=jnp.zeros(lead + (batch, num_kv_heads, slots, v_head_dim), dtype),
         positions=jnp.full(lead + (batch, slots), -1, jnp.int32))
 
 

@@ -99,9 +99,9 @@ class Attention(nn.Module):
         # Under a mesh the cache is split like the keys it holds (rows over the batch axes, KV
         # heads over whatever splits them); a no-op without logical rules.
         cache = kv_cache.LayerCache(
-            keys=nn.with_logical_constraint(cache.keys, ("batch", None, "kv_heads", "head_dim")),
+            keys=nn.with_logical_constraint(cache.keys, ("batch", "kv_heads", None, "head_dim")),
             values=nn.with_logical_constraint(cache.values,
-                                              ("batch", None, "kv_heads", "head_dim")),
+                                              ("batch", "kv_heads", None, "head_dim")),
             positions=nn.with_logical_constraint(cache.positions, ("batch", None)))
         return self.output(attended.astype(self.dtype)), cache
 

@@ -146,12 +146,12 @@ def test_cache_shapes_ring_and_full_length(decode_config):
     shapes = kv_cache.cache_shapes(config, batch=3, max_length=100)
     window = config.sliding.sliding_window
     run = shapes["decoder"]["run_1"]  # the two scanned SWA layers
-    assert run.keys.shape == (2, 3, window, config.sliding.num_kv_heads,
+    assert run.keys.shape == (2, 3, config.sliding.num_kv_heads, window,
                               config.sliding.qk_head_dim)
-    assert run.values.shape == (2, 3, window, config.sliding.num_kv_heads,
+    assert run.values.shape == (2, 3, config.sliding.num_kv_heads, window,
                                 config.sliding.v_head_dim)
     # A run of one global layer: full length, and no [1] run axis.
-    assert shapes["decoder"]["run_0"].keys.shape == (3, 100, config.full.num_kv_heads,
+    assert shapes["decoder"]["run_0"].keys.shape == (3, config.full.num_kv_heads, 100,
                                                      config.full.qk_head_dim)
     assert [c.positions.shape for c in shapes["mtp"]] == [(3, window)] * 3
     wider = kv_cache.cache_shapes(config, batch=3, max_length=100, extra_slots=2)

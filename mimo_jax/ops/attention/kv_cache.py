@@ -14,7 +14,10 @@ roll back for free: the keys of rejected draft tokens stay in their slots, but t
 at or after the next chunk's start, so nobody sees them until the real tokens at those positions
 overwrite them. A full-length cache is written first and then attended to in place (joining it
 with the chunk would copy it every step); its rejected keys are overwritten by the next chunk,
-which covers their positions. How many slots a ring needs is `mimo_jax.inference.cache`'s business.
+which covers their positions. A ring is written first too when the chunk is one token (plain
+decoding): that token's slot held a position at least S >= W back (or, where S is the whole
+sequence, nothing), which its window no longer reaches, and rejected keys ahead of it stay hidden
+by the causal mask. How many slots a ring needs is `mimo_jax.inference.cache`'s business.
 
 Legend: B batch, T new tokens, S slots, N query heads, K KV heads, H q/k head dim,
 U value head dim.
@@ -33,7 +36,10 @@ from mimo_jax.ops.attention.reference import attention_mask, masked_attention
 class LayerCache:
     """One attention layer's cache (or a scanned run's, with a leading [L] axis on every leaf).
 
-    keys: [B, S, K, H]; values: [B, S, K, U]; positions: [B, S] int32, -1 for an empty slot.
+    keys: [B, K, S, H]; values: [B, K, S, U]; positions: [B, S] int32, -1 for an empty slot.
+    Heads before slots: attention contracts over (S, H) per (B, K), so this layout needs no
+    transposed copy of the cache per step (slots first cost XLA:CPU a copy of every cached key
+    and value each decoding step once a layer has more than one KV head).
     """
 
     keys: jax.Array
@@ -59,8 +65,10 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     Returns the attended values [B, T, N, U] float32 and the updated cache.
     """
     valid = positions >= 0
-    if window is None:
-        return _attend_in_place(cache, q, k, v, positions, sinks)
+    if window is None or q.shape[1] == 1:
+        # Joining the ring with the chunk copies (and, on CPU, transposes) every cached key and
+        # value each step: a tenth of a batch-32 decoding step. One token needs no join.
+        return _attend_in_place(cache, q, k, v, positions, sinks, window)
     big = jnp.iinfo(jnp.int32).max
     chunk_start = jnp.min(jnp.where(valid, positions, big), axis=1, keepdims=True)  # [B, 1]
     old = cache.positions
@@ -69,26 +77,41 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     mask = attention_mask(
         positions, key_positions, valid.astype(jnp.int32),
         (key_positions >= 0).astype(jnp.int32), window)  # [B, T, S + T]
-    keys = jnp.concatenate([cache.keys, k.astype(cache.keys.dtype)], axis=1)
-    values = jnp.concatenate([cache.values, v.astype(cache.values.dtype)], axis=1)
-    attended = masked_attention(q, keys, values, mask, sinks)
+    keys = jnp.concatenate([cache.keys, _heads_major(k, cache.keys.dtype)], axis=2)
+    values = jnp.concatenate([cache.values, _heads_major(v, cache.values.dtype)], axis=2)
+    attended = masked_attention(q, _slots_major(keys), _slots_major(values), mask, sinks)
     return attended, write(cache, k, v, positions)
 
 
+def _heads_major(x: jax.Array, dtype) -> jax.Array:
+    """[B, T, K, H] new keys (or values) -> the cache's [B, K, T, H] layout."""
+    return jnp.swapaxes(x, 1, 2).astype(dtype)
+
+
+def _slots_major(x: jax.Array) -> jax.Array:
+    """The cache's [B, K, S, H] -> [B, S, K, H] as attention takes it (XLA folds the swap into
+    the products, which contract over S and H per (B, K))."""
+    return jnp.swapaxes(x, 1, 2)
+
+
 def _attend_in_place(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
-                     positions: jax.Array, sinks: jax.Array | None) -> tuple[jax.Array, LayerCache]:
-    """`attend` for a full-length (global) cache: write the chunk first, then attend to the cache.
+                     positions: jax.Array, sinks: jax.Array | None,
+                     window: int | None) -> tuple[jax.Array, LayerCache]:
+    """`attend` for a full-length (global) cache, or a ring and one new token: write the chunk
+    first, then attend to the cache.
 
     Joining the cache and the chunk would copy the whole cache every step, which at long context
-    costs more than the attention. Writing first is safe here because a slot is its position:
-    the chunk overwrites every stale key (of a rejected draft) at its own positions, and stale
-    keys further ahead are later than every query, so the causal mask hides them.
+    costs more than the attention. Writing first is safe in a full-length cache because a slot
+    is its position: the chunk overwrites every stale key (of a rejected draft) at its own
+    positions, and stale keys further ahead are later than every query, so the causal mask hides
+    them. For a ring and one token, see the module's docstring.
     """
     cache = write(cache, k, v, positions)
     valid = (positions >= 0).astype(jnp.int32)
     mask = attention_mask(positions, cache.positions, valid,
-                          (cache.positions >= 0).astype(jnp.int32), None)
-    return masked_attention(q, cache.keys, cache.values, mask, sinks), cache
+                          (cache.positions >= 0).astype(jnp.int32), window)
+    return masked_attention(q, _slots_major(cache.keys), _slots_major(cache.values), mask,
+                            sinks), cache
 
 
 def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
@@ -106,6 +129,7 @@ def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -
     slot = jnp.where(keep, positions % slots, slots)
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     return LayerCache(
-        keys=cache.keys.at[rows, slot].set(k.astype(cache.keys.dtype), mode="drop"),
-        values=cache.values.at[rows, slot].set(v.astype(cache.values.dtype), mode="drop"),
+        # Indices on axes 0 and 2 around a slice: the indexed view is [B, T, K, H], as k is.
+        keys=cache.keys.at[rows, :, slot].set(k.astype(cache.keys.dtype), mode="drop"),
+        values=cache.values.at[rows, :, slot].set(v.astype(cache.values.dtype), mode="drop"),
         positions=cache.positions.at[rows, slot].set(positions, mode="drop"))

@@ -129,8 +129,8 @@ def test_kv_cache_attention_in_chunks_matches_reference(seed, window):
     b, t, num_kv, h, v_dim = 2, 30, 2, 16, 8
     q, k, v, sinks, _, _ = random_inputs(seed, b, t, 4, num_kv, h, v_dim, segments=False)
     slots = t if window is None else window + 2
-    cache = kv_cache.LayerCache(keys=jnp.zeros((b, slots, num_kv, h)),
-                                values=jnp.zeros((b, slots, num_kv, v_dim)),
+    cache = kv_cache.LayerCache(keys=jnp.zeros((b, num_kv, slots, h)),
+                                values=jnp.zeros((b, num_kv, slots, v_dim)),
                                 positions=jnp.full((b, slots), -1, jnp.int32))
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
     positions[1, t - 4:] = -1
