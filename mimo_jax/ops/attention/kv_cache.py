@@ -64,11 +64,11 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
       window: keys a query sees, itself included (None = all earlier keys); sinks: [N] or None.
     Returns the attended values [B, T, N, U] float32 and the updated cache.
     """
-    valid = positions >= 0
     if window is None or q.shape[1] == 1:
         # Joining the ring with the chunk copies (and, on CPU, transposes) every cached key and
         # value each step: a tenth of a batch-32 decoding step. One token needs no join.
         return _attend_in_place(cache, q, k, v, positions, sinks, window)
+    valid = positions >= 0
     big = jnp.iinfo(jnp.int32).max
     chunk_start = jnp.min(jnp.where(valid, positions, big), axis=1, keepdims=True)  # [B, 1]
     old = cache.positions
@@ -83,7 +83,7 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     return attended, write(cache, k, v, positions)
 
 
-def _heads_major(x: jax.Array, dtype) -> jax.Array:
+def _heads_major(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """[B, T, K, H] new keys (or values) -> the cache's [B, K, T, H] layout."""
     return jnp.swapaxes(x, 1, 2).astype(dtype)
 
