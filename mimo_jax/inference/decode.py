@@ -9,6 +9,8 @@ Legend: B batch, T length, C chunk length, D model dim, V vocab, L MoE layers, k
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 from typing import Any
 
 import jax
@@ -48,20 +50,62 @@ def mtp_logits(model: MiMoV2Flash, params: Any, normed: jax.Array) -> jax.Array:
 
 def loop_layout(config: ModelConfig, params: Any,
                 unstack_layers: bool | None) -> tuple[ModelConfig, Any]:
-    """The config and params a generation runs with (call it inside the compiled program).
+    """The config and params a generation runs with; call it before the compiled program.
 
-    With `unstack_layers` (default: on CPU) scanned runs become one module per layer, copying the
-    decoder's weights once per generation: XLA:CPU would otherwise copy every layer's weights out
-    of the stacked arrays at every step, which costs more than a small model's step (1.6x slower
-    decoding for the tiny config). Off on accelerators, where the copy would double the decoder's
-    weight memory.
+    With `unstack_layers` (default: on CPU) scanned runs become one module per layer: XLA:CPU
+    would otherwise copy every layer's weights out of the stacked arrays at every step, which
+    costs more than a small model's step (1.6x slower decoding for the tiny config). Off on
+    accelerators, where the copy would double the decoder's weight memory.
+
+    The copy is made once per params: a later call with the same arrays (a user generating again
+    from one checkpoint) reuses it, where copying inside every generation cost 10-30 ms a call
+    on issue 11's 26.8M-parameter model (`benchmarks/vs_transformers.py`).
     """
     if unstack_layers is None:
         unstack_layers = jax.default_backend() == "cpu"
     if not unstack_layers or not config.scan_layers:
         return config, params
-    return (dataclasses.replace(config, scan_layers=False),
-            layout.relayout_decoder(params, config, scan_layers=False))
+    target = dataclasses.replace(config, scan_layers=False)
+    leaves = jax.tree.leaves(params)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # inside a caller's jit
+        return target, layout.relayout_decoder(params, config, scan_layers=False)
+    if _last_layout.matches(config, leaves):
+        return target, _last_layout.params
+    unstacked = _unstack(params, config)
+    _last_layout.remember(config, leaves, unstacked)
+    return target, unstacked
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(params: Any, config: ModelConfig) -> Any:
+    return layout.relayout_decoder(params, config, scan_layers=False)
+
+
+class _LastLayout:
+    """The most recent `loop_layout` copy, held while the params it was made from live.
+
+    Identity, not value, names the params: the arrays are held by weak references, so a stale
+    entry can never match new arrays, and the copy is dropped as soon as its source is freed.
+    """
+
+    def __init__(self):
+        self._config, self._sources, self.params = None, (), None
+
+    def matches(self, config: ModelConfig, leaves: list) -> bool:
+        return (config == self._config and len(leaves) == len(self._sources)
+                and all(ref() is leaf for ref, leaf in zip(self._sources, leaves)))
+
+    def remember(self, config: ModelConfig, leaves: list, params: Any) -> None:
+        self._config, self.params = config, params
+        self._sources = tuple(weakref.ref(leaf) for leaf in leaves)
+        weakref.finalize(leaves[0], self._forget, self._sources)
+
+    def _forget(self, sources: tuple) -> None:
+        if sources is self._sources:
+            self._config, self._sources, self.params = None, (), None
+
+
+_last_layout = _LastLayout()
 
 
 def gather_rows(x: jax.Array, starts: jax.Array, length: int) -> jax.Array:

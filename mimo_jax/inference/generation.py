@@ -137,15 +137,13 @@ def start_generation(rng: jax.Array, last_logits: jax.Array, prompts: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling",
-                                             "prefill_chunk", "unstack_layers", "stream",
+                                             "prefill_chunk", "stream",
                                              "return_logprobs", "return_routing"))
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, unstack_layers: bool | None,
-              stream: StreamFn | None, return_logprobs: bool,
+              prefill_chunk: int, stream: StreamFn | None, return_logprobs: bool,
               return_routing: bool) -> Generation:
-    config, params = decode.loop_layout(config, params, unstack_layers)
     model = MiMoV2Flash(config)
     b, t = prompts.shape
     total = t + max_new_tokens
@@ -236,8 +234,8 @@ def generate(model: MiMoV2Flash, params: Any, prompts: jax.Array, lengths: jax.A
     config, params, (prompts, lengths, stops) = on_mesh.prepare(
         model, params, (prompts, lengths, stop_array(stop_tokens)), parallelism)
     with on_mesh.decoding(parallelism):
+        config, params = decode.loop_layout(config, params, unstack_layers)
         return _generate(params, prompts, lengths, rng, stops, config=config,
                          max_new_tokens=max_new_tokens, sampling=sampling,
-                         prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
-                         stream=stream, return_logprobs=return_logprobs,
-                         return_routing=return_routing)
+                         prefill_chunk=prefill_chunk, stream=stream,
+                         return_logprobs=return_logprobs, return_routing=return_routing)

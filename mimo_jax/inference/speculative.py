@@ -122,13 +122,11 @@ def _accept(logits: jax.Array, drafts: jax.Array, draft_probs: jax.Array, rng: j
 
 
 @functools.partial(jax.jit, static_argnames=("config", "num_draft", "max_new_tokens", "sampling",
-                                             "prefill_chunk", "unstack_layers", "stream"))
+                                             "prefill_chunk", "stream"))
 def _generate(params: Any, prompts: jax.Array, lengths: jax.Array, rng: jax.Array,
               stops: jax.Array, *,
               config: ModelConfig, num_draft: int, max_new_tokens: int, sampling: SamplingConfig,
-              prefill_chunk: int, unstack_layers: bool | None,
-              stream: StreamFn | None) -> Generation:
-    config, params = decode.loop_layout(config, params, unstack_layers)
+              prefill_chunk: int, stream: StreamFn | None) -> Generation:
     model = MiMoV2Flash(config)
     k = num_draft
     b, t = prompts.shape
@@ -205,7 +203,7 @@ def speculative_generate(model: MiMoV2Flash, params: Any, prompts: jax.Array,
     config, params, (prompts, lengths, stops) = on_mesh.prepare(
         model, params, (prompts, lengths, stop_array(stop_tokens)), parallelism)
     with on_mesh.decoding(parallelism):
+        config, params = decode.loop_layout(config, params, unstack_layers)
         return _generate(params, prompts, lengths, rng, stops, config=config,
                          num_draft=num_draft, max_new_tokens=max_new_tokens, sampling=sampling,
-                         prefill_chunk=prefill_chunk, unstack_layers=unstack_layers,
-                         stream=stream)
+                         prefill_chunk=prefill_chunk, stream=stream)

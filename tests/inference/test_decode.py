@@ -2,6 +2,8 @@
 shapes."""
 
 import dataclasses
+import gc
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 
 from mimo_jax.config import GA, SWA
 from mimo_jax.inference import cache as kv_cache
+from mimo_jax.inference import decode
 from mimo_jax.inference.generation import generate
 from mimo_jax.inference.speculative import speculative_generate
 from mimo_jax.model import layout
@@ -140,6 +143,25 @@ def test_scanned_and_unstacked_layers_decode_the_same_tokens(decode_model, promp
         assert outputs[1].generated(row) == outputs[0].generated(row), f"row {row}"
         assert outputs[2].generated(row) == outputs[0].generated(row), f"row {row}"
 
+
+
+def test_per_layer_copy_is_made_once_per_params(decode_model):
+    """`decode.loop_layout` copies the scanned runs once per params: the same arrays get the same
+    copy back, other arrays (even equal ones) a new one, and the copy goes with its source."""
+    model, params = decode_model
+    params = jax.tree.map(jnp.copy, params)  # arrays this test alone holds
+    config, first = decode.loop_layout(model.config, params, True)
+    assert not config.scan_layers
+    jax.tree.map(np.testing.assert_array_equal, first,
+                 layout.relayout_decoder(params, model.config, scan_layers=False))
+    assert decode.loop_layout(model.config, params, True)[1] is first
+    other = jax.tree.map(jnp.copy, params)
+    assert decode.loop_layout(model.config, other, True)[1] is not first
+    assert decode.loop_layout(model.config, params, False) == (model.config, params)
+    copy_ref = weakref.ref(jax.tree.leaves(decode.loop_layout(model.config, other, True)[1])[0])
+    del other
+    gc.collect()
+    assert copy_ref() is None  # the copy was freed with the arrays it came from
 
 def test_cache_shapes_ring_and_full_length(decode_config):
     config = decode_config()
