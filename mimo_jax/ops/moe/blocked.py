@@ -28,9 +28,11 @@ from mimo_jax.ops.moe.ragged import sort_by_expert
 # Rows per block for large batches: big enough for efficient GEMMs, small enough that the padding
 # (at most I - 1 rows per used expert) stays a small share of T*k.
 MAX_BLOCK_ROWS = 256
-# On CPU the block loop wins once a block's GEMMs outweigh a loop iteration's overhead (measured:
-# from about 8 rows at D = F = 256); smaller blocks (decoding) run as one batched matmul.
-MIN_LOOP_BLOCK_ROWS = 8
+# On CPU the block loop wins from 2 rows a block: the batched formulation copies every block's
+# expert weights, and at 2-4 rows a block there are more blocks than experts (J = 24-28 copies
+# of E = 16 experts at 8-24 tokens, k = 4, D = F = 256: 2-3x slower than the loop, measured).
+# Single-row blocks (T*k < 2E, decoding at batch 1-7) run as one batched matmul.
+MIN_LOOP_BLOCK_ROWS = 2
 
 
 class BlockLayout(NamedTuple):
