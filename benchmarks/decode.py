@@ -1,12 +1,14 @@
 r"""Decoding speed and memory: plain vs MTP self-speculative decoding, and the hybrid KV cache.
 
-Prints two tables:
+Prints these tables:
   1. tokens/s of plain greedy decoding vs speculative decoding with k = 1..M drafts on a trained
      checkpoint, the mean acceptance length (tokens per main-model pass) and the speedup, with a
      check that the speculative output equals the plain output token for token;
-  2. KV-cache bytes of the full config at 4k / 32k / 256k context, hybrid (SWA rings + GA) vs
+  2. the parts of a speculative step on that checkpoint: a main-model pass over 1..M+1 tokens
+     and the drafting of k = 1..M tokens;
+  3. KV-cache bytes of the full config at 4k / 32k / 256k context, hybrid (SWA rings + GA) vs
      every layer global, computed from the cache's real shapes (jax.eval_shape, nothing allocated);
-  3. the time of one cached decode step of the tiny config at 1k / 8k / 32k context.
+  4. the time of one cached decode step of the tiny config at 1k / 8k / 32k context.
 
 A checkpoint the heads can predict well comes from text with a lot of structure, e.g. the
 generated repetitive code that `--write_corpus` produces:
@@ -18,7 +20,7 @@ generated repetitive code that `--write_corpus` produces:
         --config.data.batch_size=8 --config.train.steps=500
     python benchmarks/decode.py --checkpoint /tmp/mimo_mtp3 --prompts /tmp/rep_code/eval
 
-Without --checkpoint only tables 2 and 3 are printed.
+Without --checkpoint only tables 3 and 4 are printed.
 """
 
 from __future__ import annotations
@@ -208,6 +210,69 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     return rows
 
 
+def step_parts_table(checkpoint: str, moe_impl: str, rounds: int, steps: int = 50) -> list[str]:
+    """Markdown rows: the parts of a speculative step at batch 1 on the checkpoint, one module
+    per layer: a main-model pass with the LM head over 1 .. K+1 tokens (the verification of k
+    drafts covers k+1), and the drafting of k = 1 .. K tokens by the MTP heads
+    (`speculative._draft`). Each part runs `steps` times inside one compiled loop; best of
+    `rounds`."""
+    from mimo_jax.inference import speculative  # pylint: disable=import-outside-toplevel
+    from mimo_jax.inference.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+    model, params, _ = load_checkpoint(checkpoint, moe_impl=moe_impl)
+    config, params = decode.loop_layout(model.config, params, True)
+    model = MiMoV2Flash(config)
+    heads = config.num_mtp_heads
+    length = 512
+    cache = kv_cache.init_cache(config, 1, length, extra_slots=max(heads - 1, 0),
+                                num_mtp_heads=heads)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (1, length)),
+                         jnp.int32)
+
+    def best_time(run) -> float:
+        fn = jax.jit(run)
+        jax.block_until_ready(fn(params, cache))  # compiles
+        times = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, cache))
+            times.append(time.perf_counter() - start)
+        return min(times) / steps
+
+    def main_pass(width: int):
+        def run(params, cache):
+            def body(i, carry):
+                decoder, total = carry
+                positions = 100 + i + jnp.arange(width)[None]
+                hidden, decoder = decode.model_decode(model, params, tokens[:, :width], positions,
+                                                      decoder)
+                # The logits feed the loop's result, so no part of the pass is dead code.
+                return decoder, total + jnp.sum(decode.logits(model, params, hidden))
+            return jax.lax.fori_loop(0, steps, body, (cache["decoder"], jnp.float32(0)))[1]
+        return run
+
+    def drafting(k: int):
+        def run(params, cache):
+            hidden = jnp.full((1, 2 * k, config.hidden_size), 0.1, jnp.float32)
+
+            def body(i, carry):
+                buffer, mtp = carry
+                frontier = jnp.full((1,), 100, jnp.int32) + i
+                buffer, _, heads_cache = speculative._draft(  # pylint: disable=protected-access
+                    model, params, buffer, hidden, frontier - k + 1, frontier,
+                    jnp.zeros((1,), bool), mtp[:k], jax.random.key(0), SamplingConfig())
+                return buffer, heads_cache + mtp[k:]
+            return jax.lax.fori_loop(0, steps, body, (tokens, cache["mtp"]))[0]
+        return run
+
+    rows = ["| part of a speculative step | µs |", "|---|---|"]
+    for width in range(1, heads + 2):
+        rows.append(f"| main model + LM head, {width} token(s) | "
+                    f"{best_time(main_pass(width)) * 1e6:.0f} |")
+    for k in range(1, heads + 1):
+        rows.append(f"| drafting k={k} | {best_time(drafting(k)) * 1e6:.0f} |")
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write_corpus", help="write the generated repetitive-code corpus here "
@@ -218,9 +283,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--moe_impl", default="dense",
-                        help="MoE dispatch for decoding: dense is the faster on CPU at 16 experts, "
-                             "ragged computes only the chosen experts")
+    parser.add_argument("--moe_impl", default="auto",
+                        help="MoE dispatch for decoding (auto: the project's default, which reads "
+                             "only the chosen experts at batch 1)")
     parser.add_argument("--layers", choices=("auto", "scanned", "unstacked"), default="auto",
                         help="decode the checkpoint's scanned runs as they are, or as one module "
                              "per layer (auto: unstacked on CPU, see decode.loop_layout)")
@@ -233,6 +298,8 @@ def main(argv: list[str]) -> None:
     if args.checkpoint:
         print("\n".join(speed_table(args.checkpoint, args.prompts, args.batch, args.prompt_len,
                                     args.new_tokens, args.rounds, args.moe_impl, args.layers)))
+        print()
+        print("\n".join(step_parts_table(args.checkpoint, args.moe_impl, args.rounds)))
         print()
     print("\n".join(kv_cache_table()))
     print()
