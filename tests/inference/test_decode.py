@@ -144,7 +144,6 @@ def test_scanned_and_unstacked_layers_decode_the_same_tokens(decode_model, promp
         assert outputs[2].generated(row) == outputs[0].generated(row), f"row {row}"
 
 
-
 def test_per_layer_copy_is_made_once_per_params(decode_model):
     """`decode.loop_layout` copies the scanned runs once per params: the same arrays get the same
     copy back, other arrays (even equal ones) a new one, and the copy goes with its source."""
@@ -162,6 +161,7 @@ def test_per_layer_copy_is_made_once_per_params(decode_model):
     del other
     gc.collect()
     assert copy_ref() is None  # the copy was freed with the arrays it came from
+
 
 def test_cache_shapes_ring_and_full_length(decode_config):
     config = decode_config()
