@@ -42,8 +42,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import mimo_v2_flash, tiny  # noqa: E402  (needs the line above)
 from mimo_jax.config import GA, model_config_from_dict, replace_model  # noqa: E402
 from mimo_jax.inference import cache as kv_cache  # noqa: E402
-from mimo_jax.inference import decode  # noqa: E402
+from mimo_jax.inference import decode, speculative  # noqa: E402
 from mimo_jax.inference.generation import generate  # noqa: E402
+from mimo_jax.inference.sampling import SamplingConfig  # noqa: E402
 from mimo_jax.inference.speculative import speculative_generate  # noqa: E402
 from mimo_jax.loading import load_checkpoint  # noqa: E402
 from mimo_jax.model.transformer import MiMoV2Flash, init_params  # noqa: E402
@@ -216,8 +217,6 @@ def step_parts_table(checkpoint: str, moe_impl: str, rounds: int, steps: int = 5
     drafts covers k+1), and the drafting of k = 1 .. K tokens by the MTP heads
     (`speculative._draft`). Each part runs `steps` times inside one compiled loop; best of
     `rounds`."""
-    from mimo_jax.inference import speculative  # pylint: disable=import-outside-toplevel
-    from mimo_jax.inference.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
     model, params, _ = load_checkpoint(checkpoint, moe_impl=moe_impl)
     config, params = decode.loop_layout(model.config, params, True)
     model = MiMoV2Flash(config)

@@ -125,4 +125,12 @@ def test_full_train_step_with_micro_batches_equals_the_plain_step():
     def update(state):
         return jax.tree.map(lambda new, old: np.asarray(new) - np.asarray(old),
                             jax.device_get(state.params), params)
-    assert ph.max_relative_error(update(got_state), update(want_state)) < 1e-5
+    got_update, want_update = update(got_state), update(want_state)
+    flat = [np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+            for tree in (got_update, want_update)]
+    assert ph.max_relative_error(flat[0], flat[1]) < 1e-6
+    # Leaf by leaf, a norm scale's update is a sum over every token that nearly cancels (norm
+    # 0.003 against 0.03-1 for the others), so its relative rounding error is larger and
+    # depends on the CPU's summation order: measured 3.5e-5 on one machine, below 1e-5 on
+    # another.
+    assert ph.max_relative_error(got_update, want_update) < 1e-4
