@@ -59,7 +59,9 @@ def loop_layout(config: ModelConfig, params: Any,
 
     The copy is made once per params: a later call with the same arrays (a user generating again
     from one checkpoint) reuses it, where copying inside every generation cost 10-30 ms a call
-    on issue 11's 26.8M-parameter model (`benchmarks/vs_transformers.py`).
+    on issue 11's 26.8M-parameter model (`benchmarks/vs_transformers.py`). The latest copy is
+    kept until its source arrays are freed or other params are decoded, so a CPU process holds
+    the decoder's weights twice while it keeps both.
     """
     if unstack_layers is None:
         unstack_layers = jax.default_backend() == "cpu"
