@@ -163,14 +163,15 @@ def _load_prompts(path: pathlib.Path | None, tokenizer, count: int, length: int)
     return np.stack(ids).astype(np.int32)
 
 
-def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len: int,
+def speed_table(loaded: tuple, prompts_dir: str | None, batch: int, prompt_len: int,
                 new_tokens: int, rounds: int, moe_impl: str, layers: str) -> list[str]:
     """Markdown rows: plain vs speculative greedy decoding of `new_tokens` tokens.
 
     Every variant is compiled first, then the variants run in turn for `rounds` rounds and each
     keeps its fastest time: on a shared machine the minimum is the least disturbed measurement.
+    `loaded` is `load_checkpoint`'s (model, params, tokenizer).
     """
-    model, params, tokenizer = load_checkpoint(checkpoint, moe_impl=moe_impl)
+    model, params, tokenizer = loaded
     unstack = {"auto": None, "scanned": False, "unstacked": True}[layers]
     prompts = _load_prompts(pathlib.Path(prompts_dir) if prompts_dir else None, tokenizer,
                             batch, prompt_len)
@@ -211,13 +212,13 @@ def speed_table(checkpoint: str, prompts_dir: str | None, batch: int, prompt_len
     return rows
 
 
-def step_parts_table(checkpoint: str, moe_impl: str, rounds: int, steps: int = 50) -> list[str]:
+def step_parts_table(loaded: tuple, rounds: int, steps: int = 50) -> list[str]:
     """Markdown rows: the parts of a speculative step at batch 1 on the checkpoint, one module
     per layer: a main-model pass with the LM head over 1 .. K+1 tokens (the verification of k
     drafts covers k+1), and the drafting of k = 1 .. K tokens by the MTP heads
     (`speculative._draft`). Each part runs `steps` times inside one compiled loop; best of
-    `rounds`."""
-    model, params, _ = load_checkpoint(checkpoint, moe_impl=moe_impl)
+    `rounds`. `loaded` is `load_checkpoint`'s (model, params, tokenizer)."""
+    model, params, _ = loaded
     config, params = decode.loop_layout(model.config, params, True)
     model = MiMoV2Flash(config)
     heads = config.num_mtp_heads
@@ -295,10 +296,11 @@ def main(argv: list[str]) -> None:
         write_corpus(pathlib.Path(args.write_corpus))
         return
     if args.checkpoint:
-        print("\n".join(speed_table(args.checkpoint, args.prompts, args.batch, args.prompt_len,
+        loaded = load_checkpoint(args.checkpoint, moe_impl=args.moe_impl)
+        print("\n".join(speed_table(loaded, args.prompts, args.batch, args.prompt_len,
                                     args.new_tokens, args.rounds, args.moe_impl, args.layers)))
         print()
-        print("\n".join(step_parts_table(args.checkpoint, args.moe_impl, args.rounds)))
+        print("\n".join(step_parts_table(loaded, args.rounds)))
         print()
     print("\n".join(kv_cache_table()))
     print()
