@@ -113,6 +113,20 @@ def kv_cache_table(contexts: tuple[int, ...] = (4096, 32768, 262144)) -> list[st
     return rows
 
 
+def greedy_step_loop(model: MiMoV2Flash, batch: int, first_position: int, steps: int):
+    """A jitted `fn(params, decoder_cache) -> tokens [B, 1]`: `steps` cached greedy decode steps
+    of `batch` rows, one token each, at positions first_position .. first_position + steps - 1."""
+    def run(params, cache):
+        def body(i, carry):
+            cache, token = carry
+            positions = jnp.full((batch, 1), first_position + i, jnp.int32)
+            hidden, cache = decode.model_decode(model, params, token, positions, cache)
+            token = jnp.argmax(decode.logits(model, params, hidden), -1).astype(jnp.int32)
+            return cache, token
+        return jax.lax.fori_loop(0, steps, body, (cache, jnp.ones((batch, 1), jnp.int32)))[1]
+    return jax.jit(run)
+
+
 def step_time_table(contexts: tuple[int, ...], steps: int = 32) -> list[str]:
     """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, batch 1)
     with the sequence at each context length, i.e. global layers attending over that many keys."""
@@ -121,17 +135,7 @@ def step_time_table(contexts: tuple[int, ...], steps: int = 32) -> list[str]:
     rows = ["| context | ms per decode step | tokens/s |", "|---|---|---|"]
     for context in contexts:
         cache = kv_cache.init_cache(model.config, 1, context, num_mtp_heads=0)["decoder"]
-
-        def run(params, cache, context=context):
-            def body(i, carry):
-                cache, token = carry
-                positions = jnp.full((1, 1), context - steps + i, jnp.int32)
-                hidden, cache = decode.model_decode(model, params, token, positions, cache)
-                token = jnp.argmax(decode.logits(model, params, hidden), -1).astype(jnp.int32)
-                return cache, token
-            return jax.lax.fori_loop(0, steps, body, (cache, jnp.ones((1, 1), jnp.int32)))[1]
-
-        fn = jax.jit(run)
+        fn = greedy_step_loop(model, 1, context - steps, steps)
         jax.block_until_ready(fn(params, cache))  # compiles
         times = []
         for _ in range(3):

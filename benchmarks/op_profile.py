@@ -32,9 +32,12 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+# Run as a script from anywhere: the package lives one directory up, the decode loop beside.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from mimo_jax.inference import cache as kv_cache  # noqa: E402  (needs the line above)
+from decode import greedy_step_loop  # noqa: E402  (benchmarks/decode.py; needs the lines above)
+from mimo_jax.inference import cache as kv_cache  # noqa: E402
 from mimo_jax.inference import decode  # noqa: E402
 from mimo_jax.model.transformer import MiMoV2Flash  # noqa: E402
 from mimo_jax.train import partition  # noqa: E402
@@ -90,10 +93,11 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
     return table
 
 
-def profile(run: Callable[[], object], hlo_text: str, calls: int) -> dict[str, tuple[float, int]]:
-    """Per-instruction (seconds per call, executions per call) of `calls` runs of `run`."""
+def profile(run: Callable[[], object], known: dict[str, tuple[str, str]],
+            calls: int) -> dict[str, tuple[float, int]]:
+    """Per-instruction (seconds per call, executions per call) of `calls` runs of `run`;
+    `known` is `instructions` of the program's compiled text."""
     jax.block_until_ready(run())  # compiles and warms up
-    known = instructions(hlo_text)
     with tempfile.TemporaryDirectory() as logdir:
         jax.profiler.start_trace(logdir)
         for _ in range(calls):
@@ -111,9 +115,9 @@ def profile(run: Callable[[], object], hlo_text: str, calls: int) -> dict[str, t
     return {name: (seconds[name] / calls, counts[name] // calls) for name in seconds}
 
 
-def tables(ops: dict[str, tuple[float, int]], hlo_text: str, top: int) -> list[str]:
+def tables(ops: dict[str, tuple[float, int]], known: dict[str, tuple[str, str]],
+           top: int) -> list[str]:
     """Markdown rows: time by kind of instruction, then the slowest instructions."""
-    known = instructions(hlo_text)
     total = sum(s for s, _ in ops.values())
     kinds = collections.defaultdict(lambda: [0.0, 0])
     for name, (s, n) in ops.items():
@@ -166,21 +170,9 @@ def main(argv: list[str]) -> None:
             return forward(state.params, tokens)
     else:
         config, params = decode.loop_layout(model_cfg, state.params, None)
-        model = MiMoV2Flash(config)
         batch, steps, context = _BATCH.value, _STEPS.value, _CONTEXT.value
         cache = kv_cache.init_cache(config, batch, context + steps, num_mtp_heads=0)["decoder"]
-
-        def loop(params, cache):
-            def body(i, carry):
-                cache, token = carry
-                positions = jnp.full((batch, 1), context + i, jnp.int32)
-                hidden, cache = decode.model_decode(model, params, token, positions, cache)
-                token = jnp.argmax(decode.logits(model, params, hidden), -1).astype(jnp.int32)
-                return cache, token
-            start = jnp.ones((batch, 1), jnp.int32)
-            return jax.lax.fori_loop(0, steps, body, (cache, start))[1]
-
-        jitted = jax.jit(loop)
+        jitted = greedy_step_loop(MiMoV2Flash(config), batch, context, steps)
         hlo = jitted.lower(params, cache).compile().as_text()
 
         def run():
@@ -188,7 +180,8 @@ def main(argv: list[str]) -> None:
 
     print(f"{_MEASURE.value}, {config_flags.get_config_filename(flags.FLAGS['config'])}, backend "
           f"{jax.default_backend()}, {_CALLS.value} profiled calls")
-    print("\n".join(tables(profile(run, hlo, _CALLS.value), hlo, _TOP.value)))
+    known = instructions(hlo)
+    print("\n".join(tables(profile(run, known, _CALLS.value), known, _TOP.value)))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def loop_layout(config: ModelConfig, params: Any,
     target = dataclasses.replace(config, scan_layers=False)
     leaves = jax.tree.leaves(params)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):  # inside a caller's jit
-        return target, layout.relayout_decoder(params, config, scan_layers=False)
+        return target, _unstack(params, config)
     if _last_layout.matches(config, leaves):
         return target, _last_layout.params
     unstacked = _unstack(params, config)
