@@ -36,7 +36,7 @@ def empty_layer_cache(batch: int, slots: int, num_kv_heads: int, qk_head_dim: in
     lead = () if layers is None else (layers,)
     return LayerCache(
         keys=jnp.zeros(lead + (batch, num_kv_heads, slots, qk_head_dim), dtype),
-        values=jnp.zeros(lead + (batch, num_kv_heads, slots, v_head_dim), dtype),
+        values=jnp.zeros(lead + (batch, num_kv_heads, v_head_dim, slots), dtype),
         positions=jnp.full(lead + (batch, slots), -1, jnp.int32))
 
 

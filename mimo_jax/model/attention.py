@@ -101,7 +101,7 @@ class Attention(nn.Module):
         cache = kv_cache.LayerCache(
             keys=nn.with_logical_constraint(cache.keys, ("batch", "kv_heads", None, "head_dim")),
             values=nn.with_logical_constraint(cache.values,
-                                              ("batch", "kv_heads", None, "head_dim")),
+                                              ("batch", "kv_heads", "head_dim", None)),
             positions=nn.with_logical_constraint(cache.positions, ("batch", None)))
         return self.output(attended.astype(self.dtype)), cache
 

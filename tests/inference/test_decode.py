@@ -170,8 +170,8 @@ def test_cache_shapes_ring_and_full_length(decode_config):
     run = shapes["decoder"]["run_1"]  # the two scanned SWA layers
     assert run.keys.shape == (2, 3, config.sliding.num_kv_heads, window,
                               config.sliding.qk_head_dim)
-    assert run.values.shape == (2, 3, config.sliding.num_kv_heads, window,
-                                config.sliding.v_head_dim)
+    assert run.values.shape == (2, 3, config.sliding.num_kv_heads, config.sliding.v_head_dim,
+                                window)
     # A run of one global layer: full length, and no [1] run axis.
     assert shapes["decoder"]["run_0"].keys.shape == (3, config.full.num_kv_heads, 100,
                                                      config.full.qk_head_dim)

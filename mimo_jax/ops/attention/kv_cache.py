@@ -36,10 +36,12 @@ from mimo_jax.ops.attention.reference import attention_mask, masked_attention
 class LayerCache:
     """One attention layer's cache (or a scanned run's, with a leading [L] axis on every leaf).
 
-    keys: [B, K, S, H]; values: [B, K, S, U]; positions: [B, S] int32, -1 for an empty slot.
-    Heads before slots: attention contracts over (S, H) per (B, K), so this layout needs no
-    transposed copy of the cache per step (slots first cost XLA:CPU a copy of every cached key
-    and value each decoding step once a layer has more than one KV head).
+    keys: [B, K, S, H]; values: [B, K, U, S]; positions: [B, S] int32, -1 for an empty slot.
+    Each is laid out as the attention products read it, so no step copies the cache: the scores
+    contract keys over H per (B, K), the output contracts values over S per (B, K), and
+    XLA:CPU's matmuls want the contracted axis last (slots before heads cost a copy of every
+    cached key and value per step once a layer has more than one KV head; values as [S, U]
+    cost a transposed copy of every global layer's values per step).
     """
 
     keys: jax.Array
@@ -77,21 +79,24 @@ def attend(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array, position
     mask = attention_mask(
         positions, key_positions, valid.astype(jnp.int32),
         (key_positions >= 0).astype(jnp.int32), window)  # [B, T, S + T]
-    keys = jnp.concatenate([cache.keys, _heads_major(k, cache.keys.dtype)], axis=2)
-    values = jnp.concatenate([cache.values, _heads_major(v, cache.values.dtype)], axis=2)
-    attended = masked_attention(q, _slots_major(keys), _slots_major(values), mask, sinks)
+    keys = jnp.concatenate([cache.keys, jnp.swapaxes(k, 1, 2).astype(cache.keys.dtype)], axis=2)
+    values = jnp.concatenate(
+        [cache.values, jnp.moveaxis(v, 1, 3).astype(cache.values.dtype)], axis=3)
+    attended = masked_attention(q, _keys_slots_major(keys), _values_slots_major(values), mask,
+                                sinks)
     return attended, write(cache, k, v, positions)
 
 
-def _heads_major(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """[B, T, K, H] new keys (or values) -> the cache's [B, K, T, H] layout."""
-    return jnp.swapaxes(x, 1, 2).astype(dtype)
+# The cache's layouts -> [B, S, K, .] as `masked_attention` takes them (XLA folds the moves into
+# the products).
+def _keys_slots_major(keys: jax.Array) -> jax.Array:
+    """[B, K, S, H] -> [B, S, K, H]."""
+    return jnp.swapaxes(keys, 1, 2)
 
 
-def _slots_major(x: jax.Array) -> jax.Array:
-    """The cache's [B, K, S, H] -> [B, S, K, H] as attention takes it (XLA folds the swap into
-    the products, which contract over S and H per (B, K))."""
-    return jnp.swapaxes(x, 1, 2)
+def _values_slots_major(values: jax.Array) -> jax.Array:
+    """[B, K, U, S] -> [B, S, K, U]."""
+    return jnp.moveaxis(values, 3, 1)
 
 
 def _attend_in_place(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -110,8 +115,8 @@ def _attend_in_place(cache: LayerCache, q: jax.Array, k: jax.Array, v: jax.Array
     valid = (positions >= 0).astype(jnp.int32)
     mask = attention_mask(positions, cache.positions, valid,
                           (cache.positions >= 0).astype(jnp.int32), window)
-    return masked_attention(q, _slots_major(cache.keys), _slots_major(cache.values), mask,
-                            sinks), cache
+    return masked_attention(q, _keys_slots_major(cache.keys), _values_slots_major(cache.values),
+                            mask, sinks), cache
 
 
 def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -> LayerCache:
@@ -129,7 +134,9 @@ def write(cache: LayerCache, k: jax.Array, v: jax.Array, positions: jax.Array) -
     slot = jnp.where(keep, positions % slots, slots)
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     return LayerCache(
-        # Indices on axes 0 and 2 around a slice: the indexed view is [B, T, K, H], as k is.
+        # Indices on axes apart put their [B, T] first: the indexed views are [B, T, K, H] and
+        # [B, T, K, U], as k and v are.
         keys=cache.keys.at[rows, :, slot].set(k.astype(cache.keys.dtype), mode="drop"),
-        values=cache.values.at[rows, :, slot].set(v.astype(cache.values.dtype), mode="drop"),
+        values=cache.values.at[rows, :, :, slot].set(v.astype(cache.values.dtype),
+                                                     mode="drop"),
         positions=cache.positions.at[rows, slot].set(positions, mode="drop"))

@@ -130,7 +130,7 @@ def test_kv_cache_attention_in_chunks_matches_reference(seed, window):
     q, k, v, sinks, _, _ = random_inputs(seed, b, t, 4, num_kv, h, v_dim, segments=False)
     slots = t if window is None else window + 2
     cache = kv_cache.LayerCache(keys=jnp.zeros((b, num_kv, slots, h)),
-                                values=jnp.zeros((b, num_kv, slots, v_dim)),
+                                values=jnp.zeros((b, num_kv, v_dim, slots)),
                                 positions=jnp.full((b, slots), -1, jnp.int32))
     positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
     positions[1, t - 4:] = -1
