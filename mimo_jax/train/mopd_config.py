@@ -80,6 +80,10 @@ class MopdConfig(Section):
     alpha: float = option(1.0, check=at_least(0))
     eps_low: float = option(0.5, check=within(0, 1.000001))
     eps_high: float = option(2.0, check=at_least(1))
+    # AdamW updates per step: the step's prompts split into this many minibatches (each keeps a
+    # prompt's samples and every domain's share), updated one after another on the same rollouts;
+    # the importance weights w_t account for the student having moved since it sampled.
+    updates_per_step: int = option(1, check=at_least(1))
     use_teacher: bool = option(True)
     # Rollout Routing Replay (report 4.6.1): the update's forward reuses the rollout's experts.
     routing_replay: bool = option(True)
@@ -115,6 +119,10 @@ class MopdConfig(Section):
                  "(or set alpha=0)")
         if not self.use_teacher and self.alpha == 0:
             fail(f"{prefix}.use_teacher", False, f"with {prefix}.alpha=0 leaves nothing to learn")
+        if self.prompts_per_domain % self.updates_per_step:
+            fail(f"{prefix}.updates_per_step", self.updates_per_step,
+                 f"must divide {prefix}.prompts_per_domain={self.prompts_per_domain} (every "
+                 "minibatch holds the same share of each domain's prompts)")
         if self.eps_low > self.eps_high:
             fail(f"{prefix}.eps_low", self.eps_low, f"must be <= {prefix}.eps_high")
 

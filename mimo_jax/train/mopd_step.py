@@ -5,7 +5,8 @@
     score     each domain's frozen teacher scores every sampled token (log pi_teacher);
     reward    the domain's outcome reward on the host, then GRPO group advantages;
     update    the student's forward (replaying the rollout's experts) gives log pi_theta, the
-              MOPD loss (`mopd_objective`), AdamW, the router-bias rule, the non-finite rule.
+              MOPD loss (`mopd_objective`), AdamW, the router-bias rule, the non-finite rule;
+              `mopd.updates_per_step` minibatches of the rollouts, one update each.
 
 Rollout, scoring and update are jitted pure functions of pytrees; the rollout's random key comes
 from the train state, so a resumed run samples exactly what the uninterrupted one did. Batches
@@ -94,6 +95,30 @@ def outcome_rewards(batch: PromptBatch, responses: list[str], samples: int,
             reward_rows.append([0.0 if fn is None else fn(prompt, r, answer) for r in group])
             correct_rows.append([float(extract_answer(r) == answer) for r in group])
     return np.asarray(reward_rows, np.float32), np.asarray(correct_rows, np.float32)
+
+
+def minibatch_rows(prompts: int, samples: int, updates: int) -> list[np.ndarray]:
+    """The rows of each of a step's `updates` minibatches: prompt q's samples (rows q*Y ..
+    q*Y+Y-1) go to minibatch q % updates, so each minibatch keeps whole GRPO groups and, with
+    domains in order and prompts_per_domain divisible by `updates`, every domain's share."""
+    groups = np.arange(prompts * samples).reshape(prompts, samples)
+    return [groups[j::updates].reshape(-1) for j in range(updates)]
+
+
+def combine_update_metrics(updates: list[dict]) -> dict:
+    """One step's metrics from its updates' (host values): token counts add up, `finite` holds
+    when every update was finite, the rest are means over the updates (equal-sized
+    minibatches)."""
+    combined = {}
+    for key in updates[0]:
+        values = np.stack([np.asarray(update[key]) for update in updates])
+        if key == "tokens":
+            combined[key] = values.sum(axis=0)
+        elif key == "finite":
+            combined[key] = values.all(axis=0)
+        else:
+            combined[key] = values.mean(axis=0, dtype=np.float64).astype(values.dtype)
+    return combined
 
 
 def make_update(model: MiMoV2Flash, model_config: ModelConfig, train_config: TrainConfig,
@@ -210,11 +235,14 @@ class MopdStep:
         if cfg.use_teacher:
             arrays["teacher_log_probs"] = self._teacher_scores(batch.domains, sample,
                                                                rows_per_domain)
-        arrays = {key: jax.device_put(value, self._rows(np.ndim(value)))
-                  for key, value in arrays.items()}
-        state, metrics = self._update(state, arrays, learning_rate)
-        metrics = dict(jax.device_get(metrics), reward=float(rewards.mean()),
-                       accuracy=float(correct.mean()))
+        updates = []
+        for rows in minibatch_rows(len(prompts), samples, cfg.updates_per_step):
+            part = {key: jax.device_put(value[rows], self._rows(np.ndim(value)))
+                    for key, value in arrays.items()}
+            state, metrics = self._update(state, part, learning_rate)
+            updates.append(metrics)
+        metrics = dict(combine_update_metrics(jax.device_get(updates)),
+                       reward=float(rewards.mean()), accuracy=float(correct.mean()))
         by_domain = {"reward": rewards.reshape(len(batch.domains), -1).mean(axis=1),
                      "accuracy": correct.reshape(len(batch.domains), -1).mean(axis=1)}
         by_domain.update({key: metrics.pop(f"domain_{key}")

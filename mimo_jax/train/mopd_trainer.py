@@ -88,15 +88,21 @@ def build_configs(config: ml_collections.ConfigDict) -> MopdConfigs:
 
 
 def _parallelism(configs: MopdConfigs) -> Parallelism:
-    """The run's mesh; each domain's rows (prompts x samples) must split over its batch axes."""
+    """The run's mesh; each domain's rows (prompts x samples) must split over its batch axes,
+    and so must the rows of each update's minibatch."""
     parallelism = partition.make_parallelism(configs.mesh, configs.train.num_devices)
-    rows = configs.mopd.prompts_per_domain * configs.mopd.samples_per_prompt
+    mopd = configs.mopd
+    rows = mopd.prompts_per_domain * mopd.samples_per_prompt
     shards = on_mesh.batch_shards(parallelism)
     if rows % shards:
-        raise ConfigError(f"config key 'mopd.prompts_per_domain' = "
-                          f"{configs.mopd.prompts_per_domain}: a domain's rows (x "
-                          f"mopd.samples_per_prompt={configs.mopd.samples_per_prompt} = {rows}) "
-                          f"must split over the mesh's {shards} batch shards")
+        raise ConfigError(f"config key 'mopd.prompts_per_domain' = {mopd.prompts_per_domain}: a "
+                          f"domain's rows (x mopd.samples_per_prompt={mopd.samples_per_prompt} = "
+                          f"{rows}) must split over the mesh's {shards} batch shards")
+    minibatch = rows * len(mopd.domains) // mopd.updates_per_step
+    if minibatch % shards:
+        raise ConfigError(f"config key 'mopd.updates_per_step' = {mopd.updates_per_step}: a "
+                          f"minibatch of {minibatch} rows does not split over the mesh's "
+                          f"{shards} batch shards")
     return parallelism
 
 

@@ -18,7 +18,7 @@ from mimo_jax.eval.tasks import get_task
 from mimo_jax.model.transformer import MiMoV2Flash, init_params
 from mimo_jax.train import mopd_trainer, sft_trainer
 from mimo_jax.train.checkpoint import CheckpointError, export_params
-from mimo_jax.train.mopd_step import PER_DOMAIN_KEYS, RECORD_KEYS
+from mimo_jax.train.mopd_step import PER_DOMAIN_KEYS, RECORD_KEYS, minibatch_rows
 
 
 # The micro model of the trainer tests (tests/train/conftest.py), set by the `exports` fixture.
@@ -102,11 +102,49 @@ def test_mopd_steps_write_metrics_and_resume_exactly(exports, tmp_path):
     ({"mopd.rewards": "addition=exact,reverse=exact_match"}, ConfigError, "'exact'"),
     ({"mopd.domains": "addition,reverse,sort"}, ConfigError, "'sort' has no entry"),
     ({"init_from": ""}, ConfigError, "init_from"),
+    ({"mopd.updates_per_step": 3}, ConfigError, "'mopd.updates_per_step' = 3"),
 ])
 def test_bad_input_stops_with_one_line(exports, tmp_path, extra, error, words):
     student, teacher, _ = exports
     with pytest.raises(error, match=words):
         mopd_trainer.run(_config(student, teacher, **extra), tmp_path / "bad", log=lambda _: None)
+
+
+def test_minibatch_rows_keep_groups_and_domain_shares():
+    """4 prompts of 3 samples in 2 minibatches: every row once, a prompt's samples together,
+    and with 2 domains of 2 prompts each minibatch holds one prompt of each domain."""
+    parts = minibatch_rows(prompts=4, samples=3, updates=2)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(12))
+    for rows in parts:
+        groups = rows.reshape(-1, 3)
+        np.testing.assert_array_equal(groups - groups[:, :1], np.tile(np.arange(3), (2, 1)))
+        assert sorted(groups[:, 0] // 6) == [0, 1]  # domain of each prompt: rows 0-5, 6-11
+
+
+def test_minibatch_updates_report_the_whole_batch(exports, tmp_path):
+    """With frozen weights (a learning rate of 1e-30 moves no float32 weight; no router-bias rule,
+    no balance loss) a step split into 2 updates reports the loss and per-domain lengths of the
+    unsplit step, and samples the same responses: equal minibatches of whole groups."""
+    student, teacher, _ = exports
+    frozen = {"train.steps": 1, "train.checkpoint_every": 1, "train.learning_rate": 1e-30,
+              "train.end_learning_rate": 1e-30, "train.bias_update_rate": 0.0,
+              "train.balance_loss_weight": 0.0,
+              "mopd.prompts_per_domain": 2, "mopd.eval_prompts": 0}
+    records = {}
+    for updates in (1, 2):
+        workdir = tmp_path / str(updates)
+        mopd_trainer.run(_config(student, teacher, **frozen, **{
+            "mopd.updates_per_step": updates}), workdir, log=lambda _: None)
+        records[updates] = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    # The loss nearly cancels (advantages of both signs times log-probs of size ~ce), so its
+    # float32 rounding is absolute, on the terms' scale.
+    np.testing.assert_allclose(records[2]["loss"], records[1]["loss"], rtol=0,
+                               atol=1e-6 * records[1]["ce"])
+    for key in ("reward", "accuracy"):
+        np.testing.assert_allclose(records[2][key], records[1][key], rtol=1e-6, err_msg=key)
+    for domain in ("addition", "reverse"):
+        key = f"response_length/{domain}"
+        np.testing.assert_allclose(records[2][key], records[1][key], rtol=1e-6, err_msg=key)
 
 
 def test_teacher_with_another_tokenizer_is_refused(exports, tmp_path):
