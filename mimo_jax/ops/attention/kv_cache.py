@@ -37,9 +37,9 @@ class LayerCache:
     """One attention layer's cache (or a scanned run's, with a leading [L] axis on every leaf).
 
     keys: [B, K, S, H]; values: [B, K, U, S]; positions: [B, S] int32, -1 for an empty slot.
-    Each is laid out as the attention products read it, so no step copies the cache: the scores
-    contract keys over H per (B, K), the output contracts values over S per (B, K), and
-    XLA:CPU's matmuls want the contracted axis last (slots before heads cost a copy of every
+    Each is laid out as the attention products read it, so they need no transposed copy of it:
+    the scores contract keys over H per (B, K), the output contracts values over S per (B, K),
+    and XLA:CPU's matmuls want the contracted axis last (slots before heads cost a copy of every
     cached key and value per step once a layer has more than one KV head; values as [S, U]
     cost a transposed copy of every global layer's values per step).
     """
