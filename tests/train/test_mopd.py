@@ -211,3 +211,8 @@ def test_mopd_on_a_mesh_equals_one_device(exports, tmp_path):
     with pytest.raises(ConfigError, match=r"'mopd.prompts_per_domain' = 2: a domain's rows"):
         mopd_trainer.run(_config(student, teacher, **mesh), tmp_path / "bad",
                          log=lambda _: None)
+    # 2 domains x 4 prompts x 2 samples in 4 updates: minibatches of 4 rows on 8 batch shards.
+    with pytest.raises(ConfigError, match=r"'mopd.updates_per_step' = 4: a minibatch of 4 rows"):
+        mopd_trainer.run(_config(student, teacher, **settings, **mesh,
+                                 **{"mopd.updates_per_step": 4}), tmp_path / "bad_minibatch",
+                         log=lambda _: None)
