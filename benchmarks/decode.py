@@ -8,7 +8,8 @@ Prints these tables:
      and the drafting of k = 1..M tokens;
   3. KV-cache bytes of the full config at 4k / 32k / 256k context, hybrid (SWA rings + GA) vs
      every layer global, computed from the cache's real shapes (jax.eval_shape, nothing allocated);
-  4. the time of one cached decode step of the tiny config at 1k / 8k / 32k context.
+  4. the time of one cached decode step of the tiny config at 1k / 8k / 32k context
+     (`--step_batch` rows, default 1).
 
 A checkpoint the heads can predict well comes from text with a lot of structure, e.g. the
 generated repetitive code that `--write_corpus` produces:
@@ -127,22 +128,23 @@ def greedy_step_loop(model: MiMoV2Flash, batch: int, first_position: int, steps:
     return jax.jit(run)
 
 
-def step_time_table(contexts: tuple[int, ...], steps: int = 32) -> list[str]:
-    """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, batch 1)
-    with the sequence at each context length, i.e. global layers attending over that many keys."""
+def step_time_table(contexts: tuple[int, ...], batch: int = 1, steps: int = 32) -> list[str]:
+    """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, `batch`
+    rows) with the sequence at each context length, i.e. global layers attending over that many
+    keys."""
     model = MiMoV2Flash(model_config_from_dict(tiny.get_config().model))
     params = init_params(model, jax.random.key(0))
-    rows = ["| context | ms per decode step | tokens/s |", "|---|---|---|"]
+    rows = [f"| context | ms per decode step (batch {batch}) | tokens/s |", "|---|---|---|"]
     for context in contexts:
-        cache = kv_cache.init_cache(model.config, 1, context, num_mtp_heads=0)["decoder"]
-        fn = greedy_step_loop(model, 1, context - steps, steps)
+        cache = kv_cache.init_cache(model.config, batch, context, num_mtp_heads=0)["decoder"]
+        fn = greedy_step_loop(model, batch, context - steps, steps)
         jax.block_until_ready(fn(params, cache))  # compiles
         times = []
         for _ in range(3):
             start = time.perf_counter()
             jax.block_until_ready(fn(params, cache))
             times.append((time.perf_counter() - start) / steps)
-        rows.append(f"| {context // 1024}k | {min(times) * 1e3:.2f} | {1 / min(times):.0f} |")
+        rows.append(f"| {context // 1024}k | {min(times) * 1e3:.2f} | {batch / min(times):.0f} |")
     return rows
 
 
@@ -295,6 +297,8 @@ def main(argv: list[str]) -> None:
                              "per layer (auto: unstacked on CPU, see decode.loop_layout)")
     parser.add_argument("--step_contexts", default="1024,8192,32768",
                         help="context lengths of the decode-step timing (tiny config)")
+    parser.add_argument("--step_batch", type=int, default=1,
+                        help="rows of the decode-step timing")
     args = parser.parse_args(argv)
     if args.write_corpus:
         write_corpus(pathlib.Path(args.write_corpus))
@@ -308,7 +312,8 @@ def main(argv: list[str]) -> None:
         print()
     print("\n".join(kv_cache_table()))
     print()
-    print("\n".join(step_time_table(tuple(int(c) for c in args.step_contexts.split(",")))))
+    print("\n".join(step_time_table(tuple(int(c) for c in args.step_contexts.split(",")),
+                                     args.step_batch)))
 
 
 if __name__ == "__main__":
