@@ -235,10 +235,13 @@ class MopdStep:
         if cfg.use_teacher:
             arrays["teacher_log_probs"] = self._teacher_scores(batch.domains, sample,
                                                                rows_per_domain)
+        parts = [arrays] if cfg.updates_per_step == 1 else [
+            {key: value[rows] for key, value in arrays.items()}
+            for rows in minibatch_rows(len(prompts), samples, cfg.updates_per_step)]
         updates = []
-        for rows in minibatch_rows(len(prompts), samples, cfg.updates_per_step):
-            part = {key: jax.device_put(value[rows], self._rows(np.ndim(value)))
-                    for key, value in arrays.items()}
+        for part in parts:
+            part = {key: jax.device_put(value, self._rows(np.ndim(value)))
+                    for key, value in part.items()}
             state, metrics = self._update(state, part, learning_rate)
             updates.append(metrics)
         metrics = dict(combine_update_metrics(jax.device_get(updates)),
