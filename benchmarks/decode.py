@@ -128,6 +128,18 @@ def greedy_step_loop(model: MiMoV2Flash, batch: int, first_position: int, steps:
     return jax.jit(run)
 
 
+def best_seconds(fn, args: tuple, rounds: int) -> float:
+    """The fastest of `rounds` timed calls `fn(*args)`, after one untimed call that compiles: on
+    a shared machine the minimum is the least disturbed measurement."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def step_time_table(contexts: tuple[int, ...], batch: int = 1, steps: int = 32) -> list[str]:
     """Markdown rows: one cached greedy decode step of configs/tiny.py (random weights, `batch`
     rows) with the sequence at each context length, i.e. global layers attending over that many
@@ -138,13 +150,8 @@ def step_time_table(contexts: tuple[int, ...], batch: int = 1, steps: int = 32) 
     for context in contexts:
         cache = kv_cache.init_cache(model.config, batch, context, num_mtp_heads=0)["decoder"]
         fn = greedy_step_loop(model, batch, context - steps, steps)
-        jax.block_until_ready(fn(params, cache))  # compiles
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(params, cache))
-            times.append((time.perf_counter() - start) / steps)
-        rows.append(f"| {context // 1024}k | {min(times) * 1e3:.2f} | {batch / min(times):.0f} |")
+        step = best_seconds(fn, (params, cache), rounds=3) / steps
+        rows.append(f"| {context // 1024}k | {step * 1e3:.2f} | {batch / step:.0f} |")
     return rows
 
 
@@ -235,14 +242,7 @@ def step_parts_table(loaded: tuple, rounds: int, steps: int = 50) -> list[str]:
                          jnp.int32)
 
     def best_time(run) -> float:
-        fn = jax.jit(run)
-        jax.block_until_ready(fn(params, cache))  # compiles
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            jax.block_until_ready(fn(params, cache))
-            times.append(time.perf_counter() - start)
-        return min(times) / steps
+        return best_seconds(jax.jit(run), (params, cache), rounds) / steps
 
     def main_pass(width: int):
         def run(params, cache):
