@@ -209,14 +209,14 @@ def main() -> None:
                         help="training examples per domain for the SFT stages")
     parser.add_argument("--student_schedule", type=int, default=800,
                         help="the length the student's learning-rate schedule is planned for")
-    parser.add_argument("--student_steps", type=int, default=450,
+    parser.add_argument("--student_steps", type=int, default=520,
                         help="the student stops after this many steps of its schedule")
     parser.add_argument("--teacher_steps", type=int, default=200)
     parser.add_argument("--sft_learning_rate", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=SETTINGS.train.steps,
                         help="steps of every variant")
     parser.add_argument("--learning_rate", type=float, default=SETTINGS.train.learning_rate,
-                        help="the variants' constant learning rate")
+                        help="the variants' learning rate after their warm-up")
     parser.add_argument("--eval_prompts", type=int, default=256,
                         help="held-out prompts per domain")
     args = parser.parse_args()
