@@ -235,6 +235,8 @@ class MopdStep:
         if cfg.use_teacher:
             arrays["teacher_log_probs"] = self._teacher_scores(batch.domains, sample,
                                                                rows_per_domain)
+        # One update takes the rollout's arrays as they are: indexing them by rows would gather
+        # a copy of every array on the device for nothing.
         parts = [arrays] if cfg.updates_per_step == 1 else [
             {key: value[rows] for key, value in arrays.items()}
             for rows in minibatch_rows(len(prompts), samples, cfg.updates_per_step)]
