@@ -15,8 +15,9 @@ prompts never trained on. The stages, each a run of the project's own trainers:
        MOPD without ORM       teacher term only (alpha 0)
        ORM-only RL (GRPO)     outcome reward only (no teacher)
        SFT on teacher outputs the teachers sample the responses (same prompts, same count,
-                              same temperature) and the student is fine-tuned on them with the
-                              same number of updates at the same learning rate (off-policy);
+                              same temperature and top-p) and the student is fine-tuned
+                              on them with the same number of updates at the same peak
+                              learning rate (off-policy);
   4. greedy held-out accuracy of every model on the same test prompts, printed as one table.
 
 A stage that finished in the workdir is reused (delete its directory to redo it).
@@ -62,6 +63,8 @@ OFF_POLICY = "SFT on teacher outputs"
 # The demonstration's MOPD settings and model, read once (a run's config is built fresh).
 SETTINGS = mopd_demo.get_config()
 MODEL_CONFIG = model_config_from_dict(SETTINGS.model)
+# The variants decay to this share of --learning_rate, as the config's schedule does.
+END_LEARNING_RATE_SHARE = SETTINGS.train.end_learning_rate / SETTINGS.train.learning_rate
 
 
 def _slug(name: str) -> str:
@@ -137,7 +140,8 @@ def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, path
         mopd.teachers = ",".join(f"{d}={t}" for d, t in teachers.items())
     mopd.seed = args.seed
     config.train.steps = config.train.checkpoint_every = args.steps
-    config.train.learning_rate = config.train.end_learning_rate = args.learning_rate
+    config.train.learning_rate = args.learning_rate
+    config.train.end_learning_rate = args.learning_rate * END_LEARNING_RATE_SHARE
     config.train.log_every = 1  # every step's record: the sampled-token count is summed
     mopd_trainer.run(config, workdir)
     _stage_done(workdir)
@@ -153,10 +157,18 @@ def _load(workdir: pathlib.Path) -> tuple[MiMoV2Flash, object]:
 def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
                      tokenizer: TextTokenizer, args: argparse.Namespace) -> dict:
     """The teachers answer exactly the prompts the MOPD runs sample from (same stream, same
-    count, same temperature); returns how many responses and tokens they sampled."""
-    if path.exists():
-        return json.loads(path.with_suffix(".count.json").read_text())
+    count, same temperature and top-p); returns how many responses and tokens they sampled.
+    Outputs saved by a run with other settings are sampled again, not reused."""
     mopd = SETTINGS.mopd
+    settings = {"steps": args.steps, "seed": args.seed, "temperature": mopd.temperature,
+                "top_p": mopd.top_p, "prompts_per_domain": mopd.prompts_per_domain,
+                "samples_per_prompt": mopd.samples_per_prompt,
+                "max_response_tokens": mopd.max_response_tokens}
+    count_file = path.with_suffix(".count.json")
+    if path.exists() and count_file.exists():
+        saved = json.loads(count_file.read_text())
+        if saved.get("settings") == settings:
+            return saved["count"]
     per_domain, samples = mopd.prompts_per_domain, mopd.samples_per_prompt
     pools = {d: prompt_pool("task", d, seed=args.seed) for d in mopd_demo.DOMAINS}
     stream = PromptStream(pools, per_domain, args.seed)
@@ -183,7 +195,7 @@ def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
                         for prompt, text in zip(np.repeat(chunk, samples), texts)]
     write_sft_jsonl(path, records)
     count = {"responses": len(records), "tokens": tokens}
-    path.with_suffix(".count.json").write_text(json.dumps(count))
+    count_file.write_text(json.dumps({"settings": settings, "count": count}))
     return count
 
 

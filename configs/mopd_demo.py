@@ -63,11 +63,16 @@ def sft_config(train_file: str, tokenizer_file: str, init_from: str, steps: int,
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """MOPD of the student: 64 prompts x 4 samples per domain per step, answers <= 8 tokens,
-    learning rate 3e-4 after a warm-up of a tenth of the run. With 8 prompts a step the updates
-    were too noisy for this model; with 64, 3e-4 moved MOPD further than 1e-4 in the same
-    steps (60 steps: 0.531 against 0.465 on addition), and 1e-3 (after the same warm-up)
-    raised MOPD's reverse KL to the teacher in its first steps and ended below 1e-4."""
+    """MOPD of the student: 64 prompts x 4 samples per domain per step, answers <= 8 tokens
+    sampled at temperature 1 inside the top 0.9 of the probability, 200 steps, learning rate
+    8e-4 after a warm-up of a tenth of the run, then a cosine to a tenth.
+
+    Why these (probes from the demonstration's student, README "The demonstration"): with 8
+    prompts a step the updates were too noisy for this model. The top-p keeps the student from
+    sampling its tail, whose tokens the teacher scores near -19 and which then dominate the
+    update without naming the right token (pi_theta / mu stays >= 0.9, so nothing is masked):
+    0.844 on addition against 0.813 without it after 150 steps. The decay lets the reverse KL
+    settle where a constant rate left it at 0.34 nats per token."""
     config = model_settings(mopd_mimo_v2_flash.mopd_settings(tiny.get_config()))
     mopd = config.mopd
     mopd.domains = ",".join(DOMAINS)
@@ -77,15 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
     mopd.samples_per_prompt = 4
     mopd.max_prompt_tokens = 16
     mopd.max_response_tokens = 8
+    mopd.top_p = 0.9
     mopd.eval_prompts = 0  # benchmarks/mopd.py evaluates every model once, on the same prompts
     train = config.train
     train.num_devices = 1  # a CPU config: the rollouts are too small to split
-    train.steps = 150
-    train.learning_rate = 3e-4
-    train.end_learning_rate = 3e-4
-    train.warmup_fraction = 0.1
+    train.steps = 200
+    train.learning_rate = 8e-4
+    train.end_learning_rate = 8e-5
+    train.warmup_fraction = train.decay_start_fraction = 0.1
     train.log_every = 25
     train.eval_every = 0
-    train.checkpoint_every = 150
+    train.checkpoint_every = 200
     train.plot = False
     return config
