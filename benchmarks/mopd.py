@@ -158,12 +158,13 @@ def _teacher_outputs(path: pathlib.Path, teachers: dict[str, pathlib.Path],
                      tokenizer: TextTokenizer, args: argparse.Namespace) -> dict:
     """The teachers answer exactly the prompts the MOPD runs sample from (same stream, same
     count, same temperature and top-p); returns how many responses and tokens they sampled.
-    Outputs saved by a run with other settings are sampled again, not reused."""
+    Outputs saved under other settings (sampling, or the arguments that make the teachers and
+    the prompt stream) are sampled again, not reused."""
     mopd = SETTINGS.mopd
-    settings = {"steps": args.steps, "seed": args.seed, "temperature": mopd.temperature,
-                "top_p": mopd.top_p, "prompts_per_domain": mopd.prompts_per_domain,
-                "samples_per_prompt": mopd.samples_per_prompt,
-                "max_response_tokens": mopd.max_response_tokens}
+    settings = {key: value for key, value in vars(args).items()
+                if key not in ("workdir", "eval_prompts", "learning_rate")}
+    settings.update({key: mopd[key] for key in ("temperature", "top_p", "prompts_per_domain",
+                                                  "samples_per_prompt", "max_response_tokens")})
     count_file = path.with_suffix(".count.json")
     if path.exists() and count_file.exists():
         saved = json.loads(count_file.read_text())
