@@ -63,8 +63,6 @@ OFF_POLICY = "SFT on teacher outputs"
 # The demonstration's MOPD settings and model, read once (a run's config is built fresh).
 SETTINGS = mopd_demo.get_config()
 MODEL_CONFIG = model_config_from_dict(SETTINGS.model)
-# The variants decay to this share of --learning_rate, as the config's schedule does.
-END_LEARNING_RATE_SHARE = SETTINGS.train.end_learning_rate / SETTINGS.train.learning_rate
 
 
 def _slug(name: str) -> str:
@@ -139,10 +137,12 @@ def _mopd(workdir: pathlib.Path, student: pathlib.Path, teachers: dict[str, path
     if mopd.use_teacher:
         mopd.teachers = ",".join(f"{d}={t}" for d, t in teachers.items())
     mopd.seed = args.seed
-    config.train.steps = config.train.checkpoint_every = args.steps
-    config.train.learning_rate = args.learning_rate
-    config.train.end_learning_rate = args.learning_rate * END_LEARNING_RATE_SHARE
-    config.train.log_every = 1  # every step's record: the sampled-token count is summed
+    train = config.train
+    train.steps = train.checkpoint_every = args.steps
+    # --learning_rate scales the config's whole schedule: its decay keeps its end-to-peak ratio.
+    train.end_learning_rate *= args.learning_rate / train.learning_rate
+    train.learning_rate = args.learning_rate
+    train.log_every = 1  # every step's record: the sampled-token count is summed
     mopd_trainer.run(config, workdir)
     _stage_done(workdir)
 
